@@ -1,0 +1,122 @@
+"""The seam between the HTTP side and the model side.
+
+A `Job` goes in, an async stream of `Progress`, `Preview` and `Result` events comes out.
+This module imports neither torch nor diffusers, so `stream/` can depend on it freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pipeline call, fully resolved: no defaults are left for the engine to guess.
+
+    `width` and `height` are what the pipeline generates (multiples of 16); the HTTP side
+    resizes to the exact size the user asked for.
+    """
+
+    prompt: str
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+    num_inference_steps: int
+    guidance_scale: float
+    partial_images: int = 0
+    preview_size: tuple[int, int] = (512, 512)
+    pipeline_kwargs: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A denoising step finished (1-based `step` of `total_steps`)."""
+
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A small RGB image of what the first image of the job looks like at `step`."""
+
+    index: int
+    step: int
+    total_steps: int
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class Result:
+    """The finished images, in the order of `Job.seeds`."""
+
+    images: tuple[Image.Image, ...]
+    seeds: tuple[int, ...]
+
+
+Event = Progress | Preview | Result
+
+
+class EngineError(Exception):
+    """Base of everything the engine raises towards its callers."""
+
+
+class QueueFull(EngineError):
+    """The engine's queue is at capacity; the caller should retry later."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("the engine queue is full")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down and takes no new jobs."""
+
+
+class JobCancelled(EngineError):
+    """The job was cancelled before it finished."""
+
+
+class JobFailed(EngineError):
+    """The pipeline raised while running the job; the message is safe to show users."""
+
+
+class JobHandle(Protocol):
+    def events(self) -> AsyncIterator[Event]:
+        """Events of this job, ending with a `Result` or raising an `EngineError`."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the job: a queued job never runs, a running one stops at its next step."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the HTTP side needs to know about the loaded model to resolve requests."""
+
+    model_id: str
+    default_steps: int
+    default_guidance: float
+    pipeline_parameters: frozenset[str] = frozenset()
+
+
+class ImageEngine(Protocol):
+    @property
+    def profile(self) -> ModelProfile: ...
+
+    def submit(self, job: Job) -> JobHandle:
+        """Queue a job; raises `QueueFull` or `EngineClosed` instead of blocking."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop taking jobs, cancel what is queued and wait for the worker to stop."""
+        ...

@@ -1,0 +1,102 @@
+"""Load a FLUX pipeline: the embedded model, a local diffusers folder, or a cached hub id.
+
+All three go through the same `from_pretrained` call, offline. Failures become one
+`ModelLoadError` with a sentence a person can act on, never a traceback at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from pipeline.embedded import ensure_embedded_model
+from pipeline.jobs import ModelProfile
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str = EMBEDDED
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path = Path.home() / ".cache" / "fluxstream"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def model_profile(model: str, pipe: FluxPipeline) -> ModelProfile:
+    """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28."""
+    name = model.lower()
+    if model == EMBEDDED:
+        steps, guidance = 8, 3.5
+    elif "schnell" in name or not pipe.transformer.config.guidance_embeds:
+        steps, guidance = 4, 0.0
+    else:
+        steps, guidance = 28, 3.5
+    return ModelProfile(
+        model_id=model,
+        default_steps=steps,
+        default_guidance=guidance,
+        pipeline_parameters=frozenset(inspect.signature(pipe.__call__).parameters),
+    )
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and torchvision notices from loading are noise in a server log."""
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def load_pipeline(spec: ModelSpec) -> FluxPipeline:
+    _quiet_libraries()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    source: Path | str
+    if spec.model == EMBEDDED:
+        source = ensure_embedded_model(spec.cache_dir)
+    else:
+        source = spec.model
+        if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
+            raise ModelLoadError(f"{source} is not a diffusers folder (no model_index.json)")
+    try:
+        pipe = FluxPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load model {spec.model!r} offline: give a local diffusers folder or "
+            f"a hub id that is already in the local Hugging Face cache ({type(error).__name__})"
+        ) from error
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s on %s as %s", spec.model, device, dtype)
+    return pipe.to(device)

@@ -1,0 +1,153 @@
+"""The Starlette application: routes parse, call the service, and map errors. Nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.jobs import ImageEngine
+from stream.errors import APIError, InvalidRequest, NotFound, ServerError, error_body
+from stream.params import parse_generation_request, plan_generation
+from stream.serving import ImageService
+from stream.settings import Settings
+from stream.store import DiskResultStore, ResultStore
+
+logger = logging.getLogger(__name__)
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+SWEEP_INTERVAL_S = 60.0
+
+
+async def read_json(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+
+
+def create_app(
+    settings: Settings, engine: ImageEngine, store: ResultStore | None = None
+) -> Starlette:
+    store = store or DiskResultStore(settings.data_dir, settings.url_ttl_s)
+    service = ImageService(settings, engine, store)
+
+    async def generations(request: Request) -> Response:
+        plan = plan_generation(
+            parse_generation_request(await read_json(request)), settings, engine.profile
+        )
+        return await service.respond(request, plan, kind="image_generation")
+
+    async def result_file(request: Request) -> Response:
+        stored = store.get(request.path_params["name"])
+        if stored is None:
+            raise NotFound("this image does not exist or has expired", code="not_found")
+        return FileResponse(stored.path, media_type=stored.media_type)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            {"object": "list", "data": [_model_card(m) for m in settings.model_ids]}
+        )
+
+    async def model(request: Request) -> Response:
+        model_id = request.path_params["model"]
+        if model_id not in settings.model_ids:
+            raise NotFound(f"the model {model_id!r} does not exist", code="model_not_found")
+        return JSONResponse(_model_card(model_id))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": engine.profile.model_id})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_sweep_forever, store)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+                await engine.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    if WEB_DIR.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash},
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _model_card(model_id: str) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "fluxstream"}
+
+
+async def _sweep_forever(store: ResultStore) -> None:
+    while True:
+        await anyio.to_thread.run_sync(store.sweep)
+        await anyio.sleep(SWEEP_INTERVAL_S)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    body = error_body(exc.detail, type="invalid_request_error")
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(ServerError("the server hit an internal error"))
+
+
+class RequestIdMiddleware:
+    """Adds `x-request-id` to every response (the client's own id if it sent one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope.get("headers", [])).get(b"x-request-id", b"")
+        request_id = sent.decode("latin-1")[:128] or f"req_{secrets.token_hex(12)}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,48 @@
+"""`python -m stream` / `fluxstream`: load the model, then serve the app with uvicorn.
+
+This is the composition root, the one place on the HTTP side that reaches into the model
+side's loader; it imports it lazily so that `import stream.app` never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from stream.app import create_app
+from stream.settings import Settings
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    return Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from pipeline.factory import create_flux_engine
+    from pipeline.loading import ModelLoadError, ModelSpec
+
+    spec = ModelSpec(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+    )
+    try:
+        engine = create_flux_engine(spec, max_queued=settings.max_queued)
+    except ModelLoadError as error:
+        print(f"fluxstream: {error}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engine)
+    print(
+        f"fluxstream: serving {settings.served_model_name} ({settings.model}) "
+        f"at http://{settings.host}:{settings.port}",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0

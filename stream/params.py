@@ -1,0 +1,175 @@
+"""Request models, and their normalization into a fully resolved engine `Job`.
+
+Each field of the FLUX.1 [dev] reference is handled as its "Parameter Normalization" table
+says: passed through, renamed (`cfg_scale` -> FLUX's distilled `guidance_scale`), converted
+(`size`, `aspect_ratio`, `resolution` -> pixels) or emulated (`n`, `response_format`).
+`null` always means "use the default"; multipart strings ("3", "true") are coerced.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.jobs import Job, ModelProfile
+from stream.errors import InvalidRequest, NotFound
+from stream.settings import Settings
+from stream.sizes import SizeRequest, generation_size, resolve_size
+
+OutputFormat = Literal["png", "jpeg", "webp", "gif", "avif"]
+ResponseFormat = Literal["url", "b64_json"]
+MAX_SEED = 2**32 - 1
+_T = TypeVar("_T")
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`: OpenAI's fields plus the reference's extensions."""
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
+
+    prompt: str = Field(description="Required. Text prompt for image generation")
+    model: str | None = Field(None, description="served model id or alias")
+    n: int | None = Field(None, description="number of images (default 1)")
+    size: str | None = Field(None, description="'WxH', 'W:H' or 'auto'")
+    aspect_ratio: str | None = Field(None, description="shape, mapped to the nearest supported")
+    resolution: str | None = Field(None, description="tier: 0.5K, 1K, 2K, 4K or megapixels")
+    megapixels: str | None = Field(None, description="megapixel tier, e.g. '0.25' or '1'")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image")
+    num_inference_steps: int | None = Field(None, description="denoising steps")
+    cfg_scale: float | None = Field(None, description="renamed to FLUX's guidance_scale")
+    guidance_scale: float | None = Field(None, description="FLUX's distilled guidance")
+    response_format: ResponseFormat | None = Field(None, description="url (default) or b64_json")
+    output_format: OutputFormat | None = Field(None, description="png (default), jpeg, ...")
+    output_compression: int | None = Field(None, ge=0, le=100, description="lossy quality")
+    output_quality: int | None = Field(None, ge=0, le=100, description="lossy quality")
+    stream: bool | None = Field(None, description="stream partial images as SSE")
+    partial_images: int | None = Field(None, description="previews to stream (0..3)")
+    quality: str | None = Field(None, description="OpenAI quality; accepted")
+    background: str | None = Field(None, description="OpenAI background; accepted")
+    style: str | None = Field(None, description="OpenAI style; accepted")
+    user: str | None = Field(None, description="end-user id; logged only")
+    moderation: str | None = Field(None, description="OpenAI moderation; accepted")
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """A request after normalization: the engine job plus how to answer the client."""
+
+    job: Job
+    size: tuple[int, int]
+    model: str
+    response_format: ResponseFormat
+    output_format: OutputFormat
+    quality: int | None
+    stream: bool
+    partial_images: int
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}"
+
+
+def parse_generation_request(body: Any) -> ImageGenerationRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return ImageGenerationRequest.model_validate(body)
+    except ValidationError as error:
+        raise _invalid(error) from None
+
+
+def _invalid(error: ValidationError) -> InvalidRequest:
+    first = error.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "missing":
+        return InvalidRequest(f"missing required parameter: {param}", param=param)
+    return InvalidRequest(f"invalid value for {param}: {first['msg']}", param=param)
+
+
+def plan_generation(
+    request: ImageGenerationRequest, settings: Settings, profile: ModelProfile
+) -> ImagePlan:
+    model = _check_model(request.model, settings)
+    if not request.prompt.strip():
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if len(request.prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt is longer than {settings.max_prompt_chars} characters", param="prompt"
+        )
+    n = _in_range(request.n, 1, 1, settings.max_n, "n")
+    stream = bool(request.stream)
+    if stream and n > 1:
+        raise InvalidRequest("streaming supports only n=1", param="n")
+    partial_images = _in_range(
+        request.partial_images, 0, 0, settings.max_partial_images, "partial_images"
+    )
+    steps = _in_range(
+        request.num_inference_steps,
+        profile.default_steps,
+        1,
+        settings.max_steps,
+        "num_inference_steps",
+    )
+    guidance = _first_given(request.cfg_scale, request.guidance_scale)
+    if guidance is None:
+        guidance = profile.default_guidance
+    if not 0 <= guidance <= 100:
+        raise InvalidRequest("cfg_scale must be between 0 and 100", param="cfg_scale")
+    size = resolve_size(
+        SizeRequest(request.size, request.aspect_ratio, request.resolution, request.megapixels),
+        settings.max_pixels,
+    )
+    width, height = generation_size(*size)
+    first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    job = Job(
+        prompt=request.prompt,
+        width=width,
+        height=height,
+        seeds=tuple((first_seed + i) % (MAX_SEED + 1) for i in range(n)),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        partial_images=partial_images if stream else 0,
+        preview_size=preview_size(size, settings.preview_max_side),
+    )
+    return ImagePlan(
+        job=job,
+        size=size,
+        model=model,
+        response_format=request.response_format or "url",
+        output_format=request.output_format or "png",
+        quality=_first_given(request.output_quality, request.output_compression),
+        stream=stream,
+        partial_images=job.partial_images,
+    )
+
+
+def preview_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The output's shape, scaled down so that its long side is at most `max_side`."""
+    factor = min(1.0, max_side / max(size))
+    return (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
+
+
+def _check_model(model: str | None, settings: Settings) -> str:
+    if model is None or model in settings.model_ids:
+        return settings.served_model_name
+    raise NotFound(
+        f"the model {model!r} does not exist; this server serves {settings.served_model_name!r}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _in_range(value: int | None, default: int, low: int, high: int, param: str) -> int:
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise InvalidRequest(f"{param} must be between {low} and {high}; got {value}", param=param)
+    return value
+
+
+def _first_given(*values: _T | None) -> _T | None:
+    """The first value that is not None: the documented precedence of synonym fields."""
+    return next((value for value in values if value is not None), None)

@@ -1,0 +1,188 @@
+"""Serving logic for image requests: submit a planned job, answer as JSON or as SSE.
+
+Routes only parse, call this, and map errors; everything about how results are shaped
+for the OpenAI SDKs lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pipeline.jobs import (
+    EngineClosed,
+    EngineError,
+    ImageEngine,
+    JobCancelled,
+    JobFailed,
+    JobHandle,
+    Preview,
+    QueueFull,
+    Result,
+)
+from stream import sse
+from stream.errors import RateLimited, ServerError, ServiceUnavailable
+from stream.images import encode_async, fit_exact, to_b64
+from stream.params import ImagePlan
+from stream.settings import Settings
+from stream.store import ResultStore
+
+LOSSY_FORMATS = ("jpeg", "webp", "avif")
+
+
+class ImageService:
+    def __init__(self, settings: Settings, engine: ImageEngine, store: ResultStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+
+    def submit(self, plan: ImagePlan) -> JobHandle:
+        """Queue the job, or answer 429/503 before any byte of the response is sent."""
+        try:
+            return self.engine.submit(plan.job)
+        except QueueFull as full:
+            raise RateLimited(
+                "the server is busy; retry shortly", retry_after_s=full.retry_after_s
+            ) from None
+        except EngineClosed:
+            raise ServiceUnavailable("the server is shutting down") from None
+
+    async def respond(self, request: Request, plan: ImagePlan, kind: str) -> Response:
+        """`kind` is the event prefix: `image_generation` or `image_edit`."""
+        handle = self.submit(plan)
+        base_url = self.settings.public_base_url or str(request.base_url)
+        if plan.stream:
+            frames = self._stream(handle, plan, kind, base_url)
+            return sse.event_stream(frames, keepalive_s=self.settings.keepalive_s, headers={})
+        result = await _result_unless_disconnected(handle, request)
+        return JSONResponse(await self._body(result, plan, base_url))
+
+    async def _stream(
+        self, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
+    ) -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in handle.events():
+                if isinstance(event, Preview):
+                    yield sse.event_frame(await self._partial_payload(event, plan, kind))
+                elif isinstance(event, Result):
+                    yield sse.event_frame(
+                        await self._completed_payload(event, plan, kind, base_url)
+                    )
+        except JobCancelled:
+            yield sse.error_frame("the job was cancelled", code="cancelled")
+        except EngineError as error:
+            yield sse.error_frame(str(error) or "image generation failed")
+
+    async def _partial_payload(
+        self, preview: Preview, plan: ImagePlan, kind: str
+    ) -> dict[str, Any]:
+        preview_format = plan.output_format if plan.output_format in LOSSY_FORMATS else "jpeg"
+        data = await encode_async(preview.image, preview_format, plan.quality)
+        return {
+            "type": f"{kind}.partial_image",
+            "b64_json": to_b64(data),
+            "partial_image_index": preview.index,
+            "step": preview.step,
+            "total_steps": preview.total_steps,
+            **self._common_fields(plan, preview_format),
+        }
+
+    async def _completed_payload(
+        self, result: Result, plan: ImagePlan, kind: str, base_url: str
+    ) -> dict[str, Any]:
+        (item,) = await self._items(result, plan, base_url, always_b64=True)
+        return {
+            "type": f"{kind}.completed",
+            **item,
+            **self._common_fields(plan, plan.output_format),
+            "usage": _usage(plan),
+        }
+
+    async def _body(self, result: Result, plan: ImagePlan, base_url: str) -> dict[str, Any]:
+        return {
+            "created": int(time.time()),
+            "data": await self._items(result, plan, base_url, always_b64=False),
+            "model": plan.model,
+            "size": plan.size_text,
+            "output_format": plan.output_format,
+            "quality": "auto",
+            "background": "opaque",
+            "usage": _usage(plan),
+        }
+
+    async def _items(
+        self, result: Result, plan: ImagePlan, base_url: str, *, always_b64: bool
+    ) -> list[dict[str, Any]]:
+        items = []
+        for image, seed in zip(result.images, result.seeds, strict=True):
+            data = await encode_async(fit_exact(image, plan.size), plan.output_format, plan.quality)
+            item: dict[str, Any] = {}
+            if plan.response_format == "b64_json" or always_b64:
+                item["b64_json"] = to_b64(data)
+            if plan.response_format == "url":
+                name = await self.store.put(data, plan.output_format)
+                item["url"] = f"{base_url.rstrip('/')}/v1/images/files/{name}"
+            item["revised_prompt"] = plan.job.prompt
+            item["seed"] = seed
+            items.append(item)
+        return items
+
+    def _common_fields(self, plan: ImagePlan, output_format: str) -> dict[str, Any]:
+        return {
+            "created_at": int(time.time()),
+            "size": plan.size_text,
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": output_format,
+        }
+
+
+def _usage(plan: ImagePlan) -> dict[str, Any]:
+    """FLUX has no billing tokens; we count prompt words and 16x16 output patches."""
+    text_tokens = len(plan.job.prompt.split())
+    output_tokens = plan.job.num_images * (plan.job.width // 16) * (plan.job.height // 16)
+    return {
+        "total_tokens": text_tokens + output_tokens,
+        "input_tokens": text_tokens,
+        "output_tokens": output_tokens,
+        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
+    }
+
+
+async def _result_unless_disconnected(handle: JobHandle, request: Request) -> Result:
+    """Wait for the job's result; if the client hangs up first, cancel the job."""
+    result: Result | None = None
+    error: EngineError | None = None
+
+    async with anyio.create_task_group() as group:
+
+        async def consume() -> None:
+            nonlocal result, error
+            try:
+                async for event in handle.events():
+                    if isinstance(event, Result):
+                        result = event
+            except EngineError as failure:
+                error = failure
+            group.cancel_scope.cancel()
+
+        async def watch_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                continue
+            handle.cancel()
+            group.cancel_scope.cancel()
+
+        group.start_soon(consume)
+        group.start_soon(watch_disconnect)
+
+    if result is not None:
+        return result
+    if isinstance(error, JobFailed):
+        raise ServerError(str(error))
+    raise ServiceUnavailable("the job was cancelled before it finished", code="cancelled")

@@ -1,0 +1,61 @@
+"""Every knob of the server in one frozen object, from flags and `FLUXSTREAM_*` variables.
+
+Precedence: command-line flag, then environment variable, then the default here. Each
+limit and timeout is a named setting so that operators never have to edit code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEFAULT_CACHE = Path.home() / ".cache" / "fluxstream"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLUXSTREAM_",
+        frozen=True,
+        cli_kebab_case=True,
+        cli_prog_name="fluxstream",
+        cli_implicit_flags=True,
+    )
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, description="TCP port to listen on")
+    model: str = Field(
+        "embedded",
+        description="'embedded' (the built-in tiny FLUX), a local diffusers folder, "
+        "or a hub id already in the local cache",
+    )
+    served_model_name: str = Field("flux.1-dev", description="model id clients ask for")
+    model_aliases: tuple[str, ...] = Field(
+        ("flux-dev", "flux.1-dev", "black-forest-labs/FLUX.1-dev"),
+        description="other model ids accepted as the served model",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, float32 on CPU), bfloat16, ...")
+    cache_dir: Path = Field(_DEFAULT_CACHE, description="embedded model and preview fits")
+    data_dir: Path = Field(_DEFAULT_CACHE / "images", description="where url results live")
+    public_base_url: str | None = Field(
+        None, description="absolute base for result urls; default: the request's own host"
+    )
+    url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay served")
+
+    max_queued: int = Field(16, ge=1, description="jobs waiting beyond which requests get 429")
+    max_n: int = Field(10, ge=1, description="largest n per request")
+    max_steps: int = Field(100, ge=1, description="largest num_inference_steps")
+    max_pixels: int = Field(2048 * 2048, ge=1, description="pixel budget of one image")
+    max_prompt_chars: int = Field(8000, ge=1, description="longest prompt accepted")
+    max_partial_images: int = Field(
+        3, ge=0, description="most previews per request (OpenAI allows 3; more is an extension)"
+    )
+    preview_max_side: int = Field(512, ge=16, description="long side of preview images")
+    keepalive_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.served_model_name, *self.model_aliases)

@@ -1,0 +1,142 @@
+"""Resolve `size`, `aspect_ratio`, `resolution` and `megapixels` to exact pixel sizes.
+
+The rules are those of the FLUX.1 [dev] reference (`size` wins; shapes and tiers map to
+the nearest supported value), plus FLUX's need for sides that are multiples of 16: we
+generate at the next multiple of 16 and resize to the exact size resolved here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from stream.errors import InvalidRequest
+
+MAX_SIDE = 14142
+DEFAULT_SIZE = (1024, 1024)
+
+# The reference's 1K table, by aspect ratio; its odd sides (887, 1182) are deliberate.
+SIZES_1K: dict[tuple[int, int], tuple[int, int]] = {
+    (4, 3): (1183, 887),
+    (4, 5): (916, 1145),
+    (5, 4): (1145, 916),
+    (1, 1): (1024, 1024),
+    (3, 4): (887, 1182),
+    (2, 3): (836, 1254),
+    (3, 2): (1254, 836),
+    (9, 16): (768, 1365),
+    (16, 9): (1365, 768),
+    (9, 21): (670, 1564),
+    (21, 9): (1563, 670),
+}
+# Resolution tiers as scale factors of the 1K table.
+TIERS: dict[str, float] = {"0.5K": 0.5, "1K": 1.0, "2K": 2.0, "4K": 4.0}
+
+_WXH = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
+_K_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[kK]\s*$")
+_MP_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:[mM][pP])?\s*$")
+
+
+@dataclass(frozen=True)
+class SizeRequest:
+    size: str | None = None
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    megapixels: str | None = None
+
+
+def generation_size(width: int, height: int) -> tuple[int, int]:
+    """The size FLUX generates at: each side rounded up to a multiple of 16."""
+    return (-(-width // 16) * 16, -(-height // 16) * 16)
+
+
+def parse_aspect_ratio(text: str, param: str) -> tuple[int, int]:
+    """Map any `W:H` to the nearest supported shape, comparing ratios on a log scale."""
+    match = _RATIO.match(text)
+    if not match or float(match[1]) <= 0 or float(match[2]) <= 0:
+        raise InvalidRequest(
+            f"{param} must look like '16:9' (two positive numbers); got {text!r}", param=param
+        )
+    wanted = math.log(float(match[1]) / float(match[2]))
+    return min(SIZES_1K, key=lambda shape: abs(math.log(shape[0] / shape[1]) - wanted))
+
+
+def parse_tier(text: str, param: str) -> float:
+    """Map a `K` tier ('2K') or a megapixel count ('0.25', '1', '4MP') to the nearest tier."""
+    if match := _K_TIER.match(text):
+        scale = float(match[1])
+    elif match := _MP_TIER.match(text):
+        scale = math.sqrt(float(match[1]))
+    else:
+        raise InvalidRequest(
+            f"{param} must be a tier like '1K' or a megapixel count like '0.25'; got {text!r}",
+            param=param,
+        )
+    if scale <= 0:
+        raise InvalidRequest(f"{param} must be positive; got {text!r}", param=param)
+    return min(TIERS.values(), key=lambda tier: abs(math.log(tier / scale)))
+
+
+def scaled(shape: tuple[int, int], tier: float) -> tuple[int, int]:
+    width, height = SIZES_1K[shape]
+    return (max(1, int(width * tier + 0.5)), max(1, int(height * tier + 0.5)))
+
+
+def resolve_size(request: SizeRequest, max_pixels: int) -> tuple[int, int]:
+    """The exact output size for a request, within the server's pixel budget."""
+    size = (request.size or "").strip()
+    if size and size.lower() != "auto":
+        if match := _WXH.match(size):
+            return _checked_wxh(int(match[1]), int(match[2]), max_pixels)
+        if _RATIO.match(size):
+            return _tiered(parse_aspect_ratio(size, "size"), request, max_pixels)
+        raise InvalidRequest(
+            f"size must be 'WxH' (e.g. '1024x1024'), 'W:H' (e.g. '16:9') or 'auto'; got {size!r}",
+            param="size",
+        )
+    if request.aspect_ratio is None and request.resolution is None and request.megapixels is None:
+        return _fit_budget(DEFAULT_SIZE, max_pixels)
+    shape = (
+        parse_aspect_ratio(request.aspect_ratio, "aspect_ratio") if request.aspect_ratio else (1, 1)
+    )
+    return _tiered(shape, request, max_pixels)
+
+
+def _tiered(shape: tuple[int, int], request: SizeRequest, max_pixels: int) -> tuple[int, int]:
+    if request.resolution is not None:
+        tier = parse_tier(request.resolution, "resolution")
+    elif request.megapixels is not None:
+        tier = parse_tier(request.megapixels, "megapixels")
+    else:
+        tier = TIERS["1K"]
+    fitting = [t for t in TIERS.values() if t <= tier and _pixels(scaled(shape, t)) <= max_pixels]
+    return scaled(shape, max(fitting)) if fitting else _fit_budget(scaled(shape, tier), max_pixels)
+
+
+def _fit_budget(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """Shrink a size (keeping its shape) until it fits the budget; used for tiny budgets."""
+    if _pixels(size) <= max_pixels:
+        return size
+    factor = math.sqrt(max_pixels / _pixels(size))
+    return (max(1, int(size[0] * factor)), max(1, int(size[1] * factor)))
+
+
+def _checked_wxh(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise InvalidRequest(
+            f"each side of size must be between 1 and {MAX_SIDE} pixels; got {width}x{height}",
+            param="size",
+        )
+    if width * height > max_pixels:
+        raise InvalidRequest(
+            f"size {width}x{height} has {width * height} pixels; this server allows at most "
+            f"{max_pixels} pixels per image",
+            param="size",
+        )
+    return (width, height)
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return size[0] * size[1]

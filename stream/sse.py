@@ -1,0 +1,52 @@
+"""Server-Sent Events exactly as the official OpenAI SDKs parse them.
+
+Deliberate choices (see ../shared/protocol.md):
+- every frame is `event: <type>` + one `data: <json>` line, the event name equal to the
+  JSON `type`; lines end with a bare `\\n`;
+- no `id:` lines ever: after one, the Python SDK turns later blank lines into empty events;
+- keep-alives are SSE comments (`: ping`), never events with empty data;
+- a failure after the stream started is one `error` frame, then the body ends.
+
+Who cancels whom: sse-starlette runs the event generator, the keep-alive pinger and a
+disconnect listener in one task group. When the client goes away, the group cancels the
+generator; the generator's `async for` over the engine's events is closed, and the job
+handle cancels its job (queued: dropped; running: stopped at the next step).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+
+def event_frame(payload: dict[str, Any]) -> ServerSentEvent:
+    """One OpenAI event; `payload["type"]` is also the SSE event name."""
+    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")), event=payload["type"])
+
+
+def error_frame(message: str, code: str | None = None) -> ServerSentEvent:
+    return event_frame(
+        {
+            "type": "error",
+            "error": {"message": message, "type": "server_error", "param": None, "code": code},
+        }
+    )
+
+
+def comment(text: str) -> ServerSentEvent:
+    return ServerSentEvent(comment=text)
+
+
+def event_stream(
+    frames: AsyncIterator[ServerSentEvent], *, keepalive_s: float, headers: dict[str, str]
+) -> EventSourceResponse:
+    return EventSourceResponse(
+        frames,
+        sep="\n",
+        ping=keepalive_s,
+        ping_message_factory=lambda: comment("ping"),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+    )
