@@ -8,8 +8,11 @@ from pipeline.previews import fit_linear_decoder
 from pipeline.runner import FluxRunner
 
 
-def create_flux_engine(spec: ModelSpec, *, max_queued: int) -> ThreadedEngine:
-    """Load `spec` and return a running engine; raises `ModelLoadError` with a clear line."""
+def create_flux_runner(spec: ModelSpec) -> FluxRunner:
+    """Load `spec` and fit its preview decoder; raises `ModelLoadError` with a clear line."""
     pipe = load_pipeline(spec)
-    runner = FluxRunner(pipe, model_profile(spec.model, pipe), fit_linear_decoder(pipe.vae))
-    return ThreadedEngine(runner, max_queued=max_queued)
+    return FluxRunner(pipe, model_profile(spec.model, pipe), fit_linear_decoder(pipe.vae))
+
+
+def create_flux_engine(spec: ModelSpec, *, max_queued: int) -> ThreadedEngine:
+    return ThreadedEngine(create_flux_runner(spec), max_queued=max_queued)

@@ -32,6 +32,10 @@ class FluxRunner:
     def profile(self) -> ModelProfile:
         return self._profile
 
+    @property
+    def pipe(self) -> FluxPipeline:
+        return self._pipe
+
     def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
         pipe = self._pipe
         observed: list[StepObservation] = []

@@ -7,6 +7,7 @@ side's loader; it imports it lazily so that `import stream.app` never loads torc
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import uvicorn
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # transformers announces at import time that torchvision is missing; it is not needed.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
 

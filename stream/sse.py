@@ -21,10 +21,14 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+SEPARATOR = "\n"
+
 
 def event_frame(payload: dict[str, Any]) -> ServerSentEvent:
     """One OpenAI event; `payload["type"]` is also the SSE event name."""
-    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")), event=payload["type"])
+    return ServerSentEvent(
+        data=json.dumps(payload, separators=(",", ":")), event=payload["type"], sep=SEPARATOR
+    )
 
 
 def error_frame(message: str, code: str | None = None) -> ServerSentEvent:
@@ -37,7 +41,7 @@ def error_frame(message: str, code: str | None = None) -> ServerSentEvent:
 
 
 def comment(text: str) -> ServerSentEvent:
-    return ServerSentEvent(comment=text)
+    return ServerSentEvent(comment=text, sep=SEPARATOR)
 
 
 def event_stream(
@@ -45,7 +49,7 @@ def event_stream(
 ) -> EventSourceResponse:
     return EventSourceResponse(
         frames,
-        sep="\n",
+        sep=SEPARATOR,
         ping=keepalive_s,
         ping_message_factory=lambda: comment("ping"),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},

@@ -1,0 +1,86 @@
+"""A scripted engine for fast HTTP tests: same seam as the real one, no model behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from pipeline.jobs import (
+    EngineError,
+    Event,
+    Job,
+    ModelProfile,
+    Preview,
+    Progress,
+    QueueFull,
+    Result,
+)
+
+PROFILE = ModelProfile(model_id="fake", default_steps=4, default_guidance=3.5)
+
+
+def solid(size: tuple[int, int], value: int) -> Image.Image:
+    return Image.new("RGB", size, (value, 255 - value, 128))
+
+
+def scripted_events(job: Job) -> list[Event | EngineError]:
+    """What a well-behaved engine emits: progress every step, previews, then the result."""
+    events: list[Event | EngineError] = []
+    for step in range(1, job.num_inference_steps + 1):
+        events.append(Progress(step, job.num_inference_steps))
+        if step <= job.partial_images:
+            events.append(
+                Preview(step - 1, step, job.num_inference_steps, solid(job.preview_size, 40 * step))
+            )
+    images = tuple(solid((job.width, job.height), seed % 256) for seed in job.seeds)
+    events.append(Result(images=images, seeds=job.seeds))
+    return events
+
+
+@dataclass
+class FakeHandle:
+    script: Sequence[Event | EngineError]
+    delay_s: float = 0.0
+    cancelled: bool = False
+
+    async def events(self) -> AsyncIterator[Event]:
+        for item in self.script:
+            await asyncio.sleep(self.delay_s)
+            if isinstance(item, EngineError):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class FakeEngine:
+    """Records submitted jobs; `script` overrides the events, `full` makes submit refuse."""
+
+    script: Sequence[Event | EngineError] | None = None
+    full: bool = False
+    delay_s: float = 0.0
+    jobs: list[Job] = field(default_factory=list)
+    handles: list[FakeHandle] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def profile(self) -> ModelProfile:
+        return PROFILE
+
+    def submit(self, job: Job) -> FakeHandle:
+        if self.full:
+            raise QueueFull(retry_after_s=7.2)
+        self.jobs.append(job)
+        handle = FakeHandle(
+            self.script if self.script is not None else scripted_events(job), self.delay_s
+        )
+        self.handles.append(handle)
+        return handle
+
+    async def aclose(self) -> None:
+        self.closed = True

@@ -1,0 +1,91 @@
+"""HTTP behaviour with a scripted engine: status codes, error shapes, headers."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import sdk_client
+from tests.fakes import FakeEngine
+
+
+def post(base_url: str, body: object) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/images/generations", json=body, timeout=30)
+
+
+def test_queue_full_is_429_with_retry_after_before_any_stream_byte(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    fake_engine.full = True
+    response = post(fake_server, {"prompt": "x", "stream": True})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "8"
+    assert response.headers["retry-after-ms"] == "8000"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_sdk_raises_rate_limit_error_on_429(fake_server: str, fake_engine: FakeEngine) -> None:
+    fake_engine.full = True
+    with pytest.raises(openai.RateLimitError):
+        sdk_client(fake_server).images.generate(prompt="x")
+
+
+def test_null_fields_mean_default(fake_server: str, fake_engine: FakeEngine) -> None:
+    body = {
+        "prompt": "x",
+        "n": None,
+        "size": None,
+        "seed": None,
+        "response_format": None,
+        "stream": None,
+        "partial_images": None,
+        "num_inference_steps": None,
+    }
+    response = post(fake_server, body)
+    assert response.status_code == 200
+    (job,) = fake_engine.jobs
+    assert (job.width, job.height) == (1024, 1024)
+    assert job.num_inference_steps == 4 and job.num_images == 1
+    assert "url" in response.json()["data"][0]
+
+
+def test_unknown_model_is_404_model_not_found(fake_server: str) -> None:
+    response = post(fake_server, {"prompt": "x", "model": "dall-e-9"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
+def test_malformed_body_is_400(fake_server: str, body: bytes) -> None:
+    response = httpx.post(f"{fake_server}/v1/images/generations", content=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_every_response_has_a_request_id(fake_server: str) -> None:
+    assert httpx.get(f"{fake_server}/health").headers["x-request-id"].startswith("req_")
+    echoed = httpx.get(f"{fake_server}/health", headers={"x-request-id": "abc"})
+    assert echoed.headers["x-request-id"] == "abc"
+
+
+def test_unknown_route_is_an_openai_shaped_404(fake_server: str) -> None:
+    response = httpx.get(f"{fake_server}/v1/nothing-here")
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_expired_or_unknown_result_file_is_404(fake_server: str) -> None:
+    assert httpx.get(f"{fake_server}/v1/images/files/../../etc/passwd").status_code == 404
+    assert httpx.get(f"{fake_server}/v1/images/files/{'a' * 32}.png").status_code == 404
+
+
+def test_multiple_images_each_carry_their_seed(fake_server: str, fake_engine: FakeEngine) -> None:
+    response = post(fake_server, {"prompt": "x", "n": 3, "seed": 10, "response_format": "b64_json"})
+    assert [item["seed"] for item in response.json()["data"]] == [10, 11, 12]
+
+
+def test_demo_page_is_served_at_root(fake_server: str) -> None:
+    response = httpx.get(f"{fake_server}/")
+    assert response.status_code == 200
+    assert "fluxstream" in response.text

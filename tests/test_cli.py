@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+
+def test_http_side_never_imports_torch_or_diffusers() -> None:
+    code = (
+        "import sys, stream, stream.app, stream.cli, stream.serving;"
+        "bad = {'torch', 'diffusers'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_model_fails_start_up_with_one_clear_line(tmp_path: object) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream",
+            "--model",
+            "/nonexistent/flux",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "could not load model '/nonexistent/flux'" in lines[0]
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,70 @@
+"""The raw bytes of the stream, as any SSE client would read them."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from pipeline.jobs import JobFailed
+from tests.fakes import FakeEngine
+
+
+def raw_stream(base_url: str, body: dict[str, object]) -> tuple[httpx.Response, str]:
+    with httpx.stream("POST", f"{base_url}/v1/images/generations", json=body, timeout=30) as r:
+        return r, r.read().decode()
+
+
+def frames(text: str) -> list[list[str]]:
+    return [block.split("\n") for block in text.split("\n\n") if block.strip()]
+
+
+def test_every_frame_is_one_event_line_and_one_data_line_whose_type_matches(
+    fake_server: str,
+) -> None:
+    response, text = raw_stream(
+        fake_server, {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 2}
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = frames(text)
+    assert len(blocks) == 3
+    for lines in blocks:
+        assert len(lines) == 2
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: ")
+        payload = json.loads(lines[1].removeprefix("data: "))
+        assert payload["type"] == lines[0].removeprefix("event: ")
+        assert "error" not in payload
+        assert {"b64_json", "created_at", "size", "quality", "background", "output_format"} <= set(
+            payload
+        )
+    assert "\nid:" not in "\n" + text and "\r" not in text
+
+
+def test_completed_event_carries_usage(fake_server: str) -> None:
+    _, text = raw_stream(fake_server, {"prompt": "a b c", "size": "64x64", "stream": True})
+    (only,) = frames(text)
+    payload = json.loads(only[1].removeprefix("data: "))
+    assert payload["type"] == "image_generation.completed"
+    usage = payload["usage"]
+    assert usage["input_tokens_details"] == {"text_tokens": 3, "image_tokens": 0}
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+def test_failure_after_the_stream_started_is_one_error_frame(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    fake_engine.script = [JobFailed("the image could not be generated")]
+    response, text = raw_stream(fake_server, {"prompt": "x", "size": "64x64", "stream": True})
+    assert response.status_code == 200
+    (only,) = frames(text)
+    assert only[0] == "event: error"
+    payload = json.loads(only[1].removeprefix("data: "))
+    assert payload == {
+        "type": "error",
+        "error": {
+            "message": "the image could not be generated",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        },
+    }

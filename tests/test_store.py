@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from stream.store import DiskResultStore
+
+
+async def test_stored_file_is_served_until_it_expires_then_deleted(tmp_path: Path) -> None:
+    store = DiskResultStore(tmp_path, ttl_s=60)
+    name = await store.put(b"\x89PNG...", "png")
+    stored = store.get(name)
+    assert stored is not None and stored.media_type == "image/png"
+    assert stored.path.read_bytes() == b"\x89PNG..."
+    old = time.time() - 120
+    os.utime(stored.path, (old, old))
+    assert store.get(name) is None
+    assert not stored.path.exists()
+
+
+async def test_names_are_unguessable_and_checked_before_any_file_access(tmp_path: Path) -> None:
+    store = DiskResultStore(tmp_path / "images", ttl_s=60)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    names = {await store.put(b"x", "png") for _ in range(20)}
+    assert len(names) == 20 and all(len(name) >= 32 for name in names)
+    assert store.get("../secret.png") is None
+    assert store.get("a.png") is None
+
+
+async def test_sweep_deletes_only_expired_files(tmp_path: Path) -> None:
+    store = DiskResultStore(tmp_path, ttl_s=60)
+    keep, drop = await store.put(b"1", "png"), await store.put(b"2", "jpeg")
+    old = time.time() - 120
+    os.utime(tmp_path / drop, (old, old))
+    assert store.sweep() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [keep]
