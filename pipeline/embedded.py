@@ -92,11 +92,15 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def embedded_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
+    """CLIP (byte-level BPE) and T5 (unigram) tokenizers trained on the built-in word list."""
+    return _clip_tokenizer(), _t5_tokenizer()
+
+
 def build_embedded_pipeline() -> FluxPipeline:
     """Build the tiny FLUX pipeline in memory; deterministic for a given library version."""
     torch.manual_seed(EMBEDDED_SEED)
-    clip_tokenizer = _clip_tokenizer()
-    t5_tokenizer = _t5_tokenizer()
+    clip_tokenizer, t5_tokenizer = embedded_tokenizers()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,

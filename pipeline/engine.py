@@ -27,6 +27,7 @@ from typing import Protocol
 from pipeline.jobs import (
     EngineClosed,
     EngineError,
+    EngineStatus,
     Event,
     Job,
     JobCancelled,
@@ -100,8 +101,10 @@ class _Ticket:
 class ThreadedEngine:
     """The `ImageEngine` of the design: a bounded queue in front of one worker thread."""
 
-    def __init__(self, runner: Runner, *, max_queued: int) -> None:
+    def __init__(self, runner: Runner, *, max_queued: int, warmup: Job | None = None) -> None:
         self._runner = runner
+        self._warmup = warmup
+        self._status: EngineStatus = "warming" if warmup is not None else "ok"
         self._max_queued = max_queued
         self._pending: collections.deque[_Ticket] = collections.deque()
         self._running: _Ticket | None = None
@@ -114,6 +117,10 @@ class ThreadedEngine:
     @property
     def profile(self) -> ModelProfile:
         return self._runner.profile
+
+    @property
+    def status(self) -> EngineStatus:
+        return "closed" if self._closing else self._status
 
     @property
     def queued(self) -> int:
@@ -162,7 +169,22 @@ class ThreadedEngine:
             self._running = self._pending.popleft()
             return self._running
 
+    def _warm_up(self, job: Job) -> None:
+        """One throw-away generation first, so that no user request pays for compilation
+        or first-call allocations; jobs submitted meanwhile simply wait in the queue."""
+        started = time.perf_counter()
+        try:
+            self._runner.run(job, lambda event: None, lambda: self._closing)
+        except Exception:
+            logger.exception("warm-up generation failed")
+            self._status = "failed"
+            return
+        logger.info("warm-up took %.1f s", time.perf_counter() - started)
+        self._status = "ok"
+
     def _work(self) -> None:
+        if self._warmup is not None:
+            self._warm_up(self._warmup)
         while (ticket := self._next_ticket()) is not None:
             started = time.perf_counter()
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from PIL import Image
 
@@ -107,11 +107,20 @@ class ModelProfile:
     default_steps: int
     default_guidance: float
     pipeline_parameters: frozenset[str] = frozenset()
+    speedups: tuple[str, ...] = ()
+
+
+EngineStatus = Literal["warming", "ok", "failed", "closed"]
 
 
 class ImageEngine(Protocol):
     @property
     def profile(self) -> ModelProfile: ...
+
+    @property
+    def status(self) -> EngineStatus:
+        """`warming` until the start-up generation is done, then `ok`."""
+        ...
 
     def submit(self, job: Job) -> JobHandle:
         """Queue a job; raises `QueueFull` or `EngineClosed` instead of blocking."""

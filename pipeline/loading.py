@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import FluxPipeline
@@ -18,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from pipeline.embedded import ensure_embedded_model
 from pipeline.jobs import ModelProfile
+from pipeline.speedups import SpeedupError, Speedups, apply_speedups
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     cache_dir: Path = Path.home() / ".cache" / "fluxstream"
+    offload: Literal["none", "model", "sequential"] = "none"
+    speedups: Speedups = field(default_factory=Speedups)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,7 +58,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def model_profile(model: str, pipe: FluxPipeline) -> ModelProfile:
+def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()) -> ModelProfile:
     """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28."""
     name = model.lower()
     if model == EMBEDDED:
@@ -68,6 +72,7 @@ def model_profile(model: str, pipe: FluxPipeline) -> ModelProfile:
         default_steps=steps,
         default_guidance=guidance,
         pipeline_parameters=frozenset(inspect.signature(pipe.__call__).parameters),
+        speedups=speedups,
     )
 
 
@@ -98,5 +103,53 @@ def load_pipeline(spec: ModelSpec) -> FluxPipeline:
             f"a hub id that is already in the local Hugging Face cache ({type(error).__name__})"
         ) from error
     pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s on %s as %s", spec.model, device, dtype)
-    return pipe.to(device)
+    _place(pipe, spec, device)
+    logger.info("loaded %s on %s as %s (offload: %s)", spec.model, device, dtype, spec.offload)
+    return pipe
+
+
+def prepare_pipeline(spec: ModelSpec) -> tuple[FluxPipeline, tuple[str, ...]]:
+    """Load `spec` and apply its speed-ups; returns the pipeline and what was applied."""
+    pipe = load_pipeline(spec)
+    try:
+        applied = apply_speedups(pipe, spec.speedups, resolve_device(spec.device), spec.cache_dir)
+    except SpeedupError as error:
+        raise ModelLoadError(str(error)) from None
+    return pipe, applied
+
+
+def _place(pipe: FluxPipeline, spec: ModelSpec, device: torch.device) -> None:
+    """Move the pipeline to its device, or set up offloading; refuse what cannot fit."""
+    if spec.offload != "none":
+        if device.type != "cuda":
+            raise ModelLoadError(
+                f"--offload {spec.offload} moves weights between the CPU and a GPU; "
+                f"with device {device} there is nothing to offload to"
+            )
+        if spec.speedups.compile == "on":
+            raise ModelLoadError("--offload cannot be combined with --compile on")
+        if spec.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+        return
+    if device.type == "cuda":
+        _check_fits(pipe, device)
+    pipe.to(device)
+
+
+def _check_fits(pipe: FluxPipeline, device: torch.device) -> None:
+    """Fail at start-up, not with an out-of-memory traceback in the middle of a request."""
+    needed = sum(
+        parameter.numel() * parameter.element_size()
+        for component in pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+        for parameter in component.parameters()
+    )
+    free, _total = torch.cuda.mem_get_info(device)
+    # Activations at 1024x1024 need a few GiB on top of the weights (44 GiB peak for dev).
+    if needed * 1.1 + 4 * 2**30 > free:
+        raise ModelLoadError(
+            f"the model needs about {needed / 2**30:.1f} GiB of weights plus working memory, "
+            f"but {device} has {free / 2**30:.1f} GiB free; try --offload model"
+        )

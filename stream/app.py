@@ -67,7 +67,13 @@ def create_app(
         return JSONResponse(_model_card(model_id))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": engine.profile.model_id})
+        status = engine.status
+        body = {
+            "status": status,
+            "model": engine.profile.model_id,
+            "speedups": engine.profile.speedups,
+        }
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -29,15 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
+    from pipeline.speedups import Speedups
 
     spec = ModelSpec(
         model=settings.model,
         device=settings.device,
         dtype=settings.dtype,
         cache_dir=settings.cache_dir,
+        offload=settings.offload,
+        speedups=Speedups(
+            compile=settings.compile,
+            compile_backend=settings.compile_backend,
+            fuse_qkv=settings.fuse_qkv,
+            quantize=settings.quantize,
+            attention_backend=settings.attention_backend,
+        ),
     )
     try:
-        engine = create_flux_engine(spec, max_queued=settings.max_queued)
+        engine = create_flux_engine(spec, max_queued=settings.max_queued, warmup=settings.warmup)
     except ModelLoadError as error:
         print(f"fluxstream: {error}", file=sys.stderr)
         return 2

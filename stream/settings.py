@@ -7,6 +7,7 @@ limit and timeout is a named setting so that operators never have to edit code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +38,26 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on CUDA, float32 on CPU), bfloat16, ...")
-    cache_dir: Path = Field(_DEFAULT_CACHE, description="embedded model and preview fits")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="regional torch.compile of the transformer blocks (auto: on CUDA)"
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend")
+    fuse_qkv: Literal["auto", "on", "off"] = Field(
+        "auto", description="fuse attention QKV projections (auto: on CUDA)"
+    )
+    quantize: Literal["none", "fp8"] = Field(
+        "none", description="fp8: rowwise float8 linears in the transformer blocks"
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="diffusers CPU offload, for GPUs too small for the model"
+    )
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (default: PyTorch SDPA's own choice)"
+    )
+    warmup: bool = Field(True, description="run one generation at start-up before serving")
+    cache_dir: Path = Field(
+        _DEFAULT_CACHE, description="embedded model, preview fits, compile caches"
+    )
     data_dir: Path = Field(_DEFAULT_CACHE / "images", description="where url results live")
     public_base_url: str | None = Field(
         None, description="absolute base for result urls; default: the request's own host"

@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.jobs import (
     EngineError,
+    EngineStatus,
     Event,
     Job,
     ModelProfile,
@@ -71,6 +72,10 @@ class FakeEngine:
     @property
     def profile(self) -> ModelProfile:
         return PROFILE
+
+    @property
+    def status(self) -> EngineStatus:
+        return "closed" if self.closed else "ok"
 
     def submit(self, job: Job) -> FakeHandle:
         if self.full:

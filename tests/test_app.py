@@ -89,3 +89,11 @@ def test_demo_page_is_served_at_root(fake_server: str) -> None:
     response = httpx.get(f"{fake_server}/")
     assert response.status_code == 200
     assert "fluxstream" in response.text
+
+
+def test_health_is_503_until_the_engine_is_ready(fake_server: str, fake_engine: FakeEngine) -> None:
+    assert httpx.get(f"{fake_server}/health").json()["status"] == "ok"
+    fake_engine.closed = True
+    response = httpx.get(f"{fake_server}/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "closed"

@@ -135,3 +135,25 @@ async def test_closed_engine_refuses_new_jobs_and_fails_queued_ones() -> None:
         [event async for event in queued.events()]
     with pytest.raises(EngineClosed):
         engine.submit(job())
+
+
+async def test_engine_is_warming_until_its_start_up_generation_is_done() -> None:
+    release = threading.Event()
+    engine = ThreadedEngine(StepRunner(release), max_queued=2, warmup=job(1))
+    assert engine.status == "warming"
+    queued = engine.submit(job(1))  # requests during warm-up wait in the queue
+    release.set()
+    assert isinstance([event async for event in queued.events()][-1], Result)
+    assert engine.status == "ok"
+    await engine.aclose()
+    assert engine.status == "closed"
+
+
+async def test_failed_warm_up_is_reported_as_failed_status() -> None:
+    engine = ThreadedEngine(StepRunner(fail=True), max_queued=2, warmup=job(1))
+    for _ in range(100):
+        if engine.status != "warming":
+            break
+        await asyncio.sleep(0.01)
+    assert engine.status == "failed"
+    await engine.aclose()

@@ -1,0 +1,268 @@
+"""FLUX speed through fluxstream's own engine: per step, per image, previews, compile, memory.
+
+The cost of a denoising step does not depend on the weights' values, so by default this
+builds the full-size FLUX.1 [dev] architecture (11.9 B transformer parameters, T5-XXL,
+CLIP-L, the 16-channel VAE) with random weights directly on the GPU, and needs no
+download. `--model` loads real weights instead. `--tiny` runs the same code on the CPU on
+the embedded model at a small size; the test suite runs it so that this script cannot rot.
+
+    .venv/bin/python -m bench.gpu                        # full-size, 1024², 28 steps, CUDA
+    .venv/bin/python -m bench.gpu --quantize fp8         # plus the output difference vs bf16
+    .venv/bin/python -m bench.gpu --tiny --json out.json
+
+Each figure goes through `ThreadedEngine` + `FluxRunner`, as a request would: the image
+time includes the VAE decode and PNG encoding of the final image; "warm-up" is the time
+from engine start until its first (compiling) generation is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers
+from pipeline.engine import ThreadedEngine
+from pipeline.factory import warmup_job
+from pipeline.jobs import Job, Progress, Result
+from pipeline.loading import ModelSpec, load_pipeline, model_profile, resolve_device
+from pipeline.previews import fit_linear_decoder
+from pipeline.runner import FluxRunner
+from pipeline.speedups import Speedups, apply_speedups
+from stream.images import encode_image
+
+
+@dataclass
+class Measurement:
+    partial_images: int
+    step_ms: float
+    image_s: float
+
+
+def _random_init(module: torch.nn.Module) -> None:
+    for parameter in module.parameters():
+        torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() > 1 else parameter.zero_()
+
+
+def _on_device(build: Callable[[], Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """Build a model with no CPU copy of its weights: on the meta device, then allocate.
+    Only for models without computed buffers, which `to_empty` would leave as garbage."""
+    with torch.device("meta"):
+        model = build()
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        _random_init(model)
+    return model
+
+
+def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> FluxPipeline:
+    """FLUX.1 [dev]'s architecture with random weights (configs from its model_index)."""
+    torch.manual_seed(0)
+    transformer = _on_device(lambda: FluxTransformer2DModel(guidance_embeds=True), device, dtype)
+    t5_config = T5Config(
+        d_model=4096,
+        d_ff=10240,
+        d_kv=64,
+        num_heads=64,
+        num_layers=24,
+        vocab_size=32128,
+        feed_forward_proj="gated-gelu",
+    )
+    t5 = _on_device(lambda: T5EncoderModel(t5_config), device, dtype)
+    clip_config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        projection_dim=768,
+    )
+    clip = CLIPTextModel(clip_config).to(device, dtype)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    ).to(device, dtype)
+    clip_tokenizer, t5_tokenizer = embedded_tokenizers()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+async def _time_job(engine: ThreadedEngine, job: Job) -> tuple[list[float], float]:
+    started = time.perf_counter()
+    step_times: list[float] = []
+    async for event in engine.submit(job).events():
+        if isinstance(event, Progress):
+            step_times.append(time.perf_counter())
+        elif isinstance(event, Result):
+            encode_image(event.images[0], "png")
+    return [b - a for a, b in itertools.pairwise(step_times)], time.perf_counter() - started
+
+
+async def _measure(engine: ThreadedEngine, job: Job, repeats: int) -> Measurement:
+    steps: list[float] = []
+    images: list[float] = []
+    for _ in range(repeats):
+        step_times, image_s = await _time_job(engine, job)
+        steps.extend(step_times)
+        images.append(image_s)
+    return Measurement(
+        job.partial_images, statistics.median(steps) * 1000, statistics.median(images)
+    )
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cpu") if args.tiny else resolve_device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    scratch = Path(tempfile.mkdtemp(prefix="fluxstream-gpu-bench-"))
+    if args.tiny:
+        pipe, name = build_embedded_pipeline().to(device), "embedded (tiny)"
+        pipe.set_progress_bar_config(disable=True)
+    elif args.model:
+        pipe, name = load_pipeline(ModelSpec(model=args.model, device=str(device))), args.model
+    else:
+        pipe, name = full_size_pipeline(device, dtype), "FLUX.1-dev architecture, random weights"
+    profile = model_profile("bench", pipe)
+    base_job = Job(
+        prompt="a lighthouse at dusk, detailed, cinematic",
+        width=args.size,
+        height=args.size,
+        seeds=(0,),
+        num_inference_steps=args.steps,
+        guidance_scale=3.5,
+    )
+    reference = None
+    if args.quantize == "fp8":
+        reference = pipe(
+            prompt=base_job.prompt,
+            width=args.size,
+            height=args.size,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+    speedups = Speedups(
+        compile=args.compile, compile_backend=args.compile_backend, quantize=args.quantize
+    )
+    applied = apply_speedups(pipe, speedups, device, scratch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = FluxRunner(pipe, profile, fit_linear_decoder(pipe.vae))
+    started = time.perf_counter()
+    engine = ThreadedEngine(runner, max_queued=4, warmup=warmup_job(profile, args.size))
+    while engine.status == "warming":
+        await asyncio.sleep(0.05)
+    warmup_s = time.perf_counter() - started
+    measurements = [
+        await _measure(engine, Job(**{**asdict(base_job), "partial_images": k}), args.repeats)
+        for k in (0, 3)
+    ]
+    result: dict[str, Any] = {
+        "model": name,
+        "device": str(
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu"
+        ),
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "speedups": list(applied),
+        "warmup_s": warmup_s,
+        "measurements": [asdict(m) for m in measurements],
+        "previews_ratio": measurements[1].image_s / measurements[0].image_s,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+    }
+    if reference is not None:
+        events = [event async for event in engine.submit(base_job).events()]
+        final = events[-1]
+        assert isinstance(final, Result)
+        result["fp8_psnr_vs_bf16_db"] = _psnr(np.asarray(final.images[0]), np.asarray(reference))
+    await engine.aclose()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="embedded model on the CPU, small")
+    parser.add_argument("--model", help="real weights (local folder or cached hub id)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--quantize", choices=["none", "fp8"], default="none")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    args.size = args.size or (64 if args.tiny else 1024)
+    args.steps = args.steps or (4 if args.tiny else 28)
+    result = asyncio.run(run(args))
+    print(
+        f"{result['model']} on {result['device']}, torch {result['torch']}, "
+        f"{args.size}², {args.steps} steps; speed-ups: {', '.join(result['speedups']) or 'none'}"
+    )
+    print(f"warm-up (incl. compile): {result['warmup_s']:.1f} s")
+    print("partial_images | step ms | image s (decode + PNG encode included)")
+    for m in result["measurements"]:
+        print(f"{m['partial_images']:>14} | {m['step_ms']:7.1f} | {m['image_s']:7.3f}")
+    print(f"streaming with 3 previews / with 0: {result['previews_ratio']:.3f}x")
+    if result["peak_gib"] is not None:
+        print(f"peak GPU memory: {result['peak_gib']:.1f} GiB")
+    if "fp8_psnr_vs_bf16_db" in result:
+        print(f"fp8 output vs bf16, same seed: PSNR {result['fp8_psnr_vs_bf16_db']:.1f} dB")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

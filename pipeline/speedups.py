@@ -1,0 +1,84 @@
+"""Start-up speed-ups of the loaded pipeline: fused QKV, fp8, channels-last VAE, compile.
+
+Each switch is `auto`, on or off. `auto` turns on what measured faster on CUDA (see
+bench/RESULTS.md) and leaves the CPU path plain. A switch that cannot work on the chosen
+device is refused with a `SpeedupError` that says why, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import FluxPipeline
+
+from pipeline.fp8 import fp8_supported, quantize_blocks_fp8
+
+logger = logging.getLogger(__name__)
+
+Switch = Literal["auto", "on", "off"]
+REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+
+
+class SpeedupError(Exception):
+    """A requested speed-up cannot be applied here; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Speedups:
+    compile: Switch = "auto"
+    compile_backend: str = "inductor"
+    fuse_qkv: Switch = "auto"
+    quantize: Literal["none", "fp8"] = "none"
+    attention_backend: str | None = None
+
+    def compiles(self, device: torch.device) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+
+    def fuses(self, device: torch.device) -> bool:
+        return self.fuse_qkv == "on" or (self.fuse_qkv == "auto" and device.type == "cuda")
+
+
+def apply_speedups(
+    pipe: FluxPipeline, speedups: Speedups, device: torch.device, cache_dir: Path
+) -> tuple[str, ...]:
+    """Apply `speedups` to `pipe` in place; returns a description of what was applied."""
+    applied: list[str] = []
+    transformer = pipe.transformer
+    if speedups.fuses(device):
+        transformer.fuse_qkv_projections()
+        applied.append("fused-qkv")
+    if speedups.quantize == "fp8":
+        if not fp8_supported(device):
+            raise SpeedupError(
+                f"--quantize fp8 needs fp8 matmuls (compute capability 8.9+); {device} has none"
+            )
+        count = quantize_blocks_fp8(transformer, REPEATED_BLOCKS)
+        applied.append(f"fp8-rowwise({count} linears)")
+    if device.type == "cuda":
+        pipe.vae.to(memory_format=torch.channels_last)
+        applied.append("channels-last-vae")
+    if speedups.attention_backend:
+        try:
+            transformer.set_attention_backend(speedups.attention_backend)
+        except (ValueError, RuntimeError) as error:
+            raise SpeedupError(
+                f"attention backend {speedups.attention_backend!r} is not usable here: {error}"
+            ) from None
+        applied.append(f"attention={speedups.attention_backend}")
+    if speedups.compiles(device):
+        _persist_compile_cache(cache_dir)
+        transformer.compile_repeated_blocks(fullgraph=True, backend=speedups.compile_backend)
+        applied.append(f"regional-compile({speedups.compile_backend})")
+    logger.info("speed-ups: %s", ", ".join(applied) or "none")
+    return tuple(applied)
+
+
+def _persist_compile_cache(cache_dir: Path) -> None:
+    """Keep inductor's and Triton's caches next to the model cache, so restarts reuse them."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))

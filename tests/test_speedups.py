@@ -1,0 +1,112 @@
+"""Every start-up switch on the CPU: it works on the embedded model, or it is refused clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.fp8 import Float8RowwiseLinear
+from pipeline.loading import ModelLoadError, ModelSpec, prepare_pipeline
+from pipeline.speedups import Speedups
+
+
+def generate(spec: ModelSpec) -> np.ndarray:
+    pipe, _ = prepare_pipeline(spec)
+    image: Image.Image = pipe(
+        prompt="a red fox",
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
+    return np.asarray(image, dtype=np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def plain(model_cache: Path) -> np.ndarray:
+    return generate(ModelSpec(cache_dir=model_cache))
+
+
+def test_fp8_linear_matches_the_float_linear_closely() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 7, 64)
+    expected = linear(x)
+    relative = (Float8RowwiseLinear(linear)(x) - expected).norm() / expected.norm()
+    assert relative < 0.1
+
+
+def test_fp8_on_the_cpu_generates_nearly_the_same_image(
+    model_cache: Path, plain: np.ndarray
+) -> None:
+    quantized = generate(ModelSpec(cache_dir=model_cache, speedups=Speedups(quantize="fp8")))
+    assert 25 < psnr(quantized, plain) < float("inf")
+
+
+def test_fused_qkv_gives_the_same_image(model_cache: Path, plain: np.ndarray) -> None:
+    fused = generate(ModelSpec(cache_dir=model_cache, speedups=Speedups(fuse_qkv="on")))
+    assert psnr(fused, plain) > 45
+
+
+def test_regional_compile_gives_the_same_image(model_cache: Path, plain: np.ndarray) -> None:
+    # The eager backend runs the same dynamo capture of the repeated blocks as inductor,
+    # without the minutes inductor needs on two CPU cores.
+    speedups = Speedups(compile="on", compile_backend="eager")
+    assert psnr(generate(ModelSpec(cache_dir=model_cache, speedups=speedups)), plain) > 45
+
+
+def test_cpu_path_applies_nothing_by_default(model_cache: Path) -> None:
+    _, applied = prepare_pipeline(ModelSpec(cache_dir=model_cache))
+    assert applied == ()
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_on_the_cpu_is_refused_with_a_reason(model_cache: Path, offload: str) -> None:
+    with pytest.raises(ModelLoadError, match="nothing to offload"):
+        prepare_pipeline(ModelSpec(cache_dir=model_cache, offload=offload))  # type: ignore[arg-type]
+
+
+def test_unknown_attention_backend_is_refused_with_a_reason(model_cache: Path) -> None:
+    spec = ModelSpec(cache_dir=model_cache, speedups=Speedups(attention_backend="warp-drive"))
+    with pytest.raises(ModelLoadError, match="warp-drive"):
+        prepare_pipeline(spec)
+
+
+def test_refused_switch_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "--offload", "model", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fluxstream: --offload model moves weights between the CPU and a GPU; "
+        "with device cpu there is nothing to offload to"
+    ]
+
+
+def test_gpu_bench_runs_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--tiny", "--repeats", "1", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
+    assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
+    assert result["warmup_s"] > 0
