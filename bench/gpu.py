@@ -33,14 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers
+from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers, flux_scheduler, flux_vae
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import warmup_job
 from pipeline.jobs import Job, Progress, Result
@@ -96,30 +94,10 @@ def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> FluxPipeline
         projection_dim=768,
     )
     clip = CLIPTextModel(clip_config).to(device, dtype)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    ).to(device, dtype)
+    vae = flux_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2).to(device, dtype)
     clip_tokenizer, t5_tokenizer = embedded_tokenizers()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     pipe = FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=clip,
         tokenizer=clip_tokenizer,

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 # Bump when anything below changes, so that stale caches are rebuilt rather than reused.
-EMBEDDED_VERSION = "1"
+EMBEDDED_VERSION = "2"
 EMBEDDED_SEED = 20260101
 TEXT_DIM = 32
 
@@ -97,6 +97,38 @@ def embedded_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
     return _clip_tokenizer(), _t5_tokenizer()
 
 
+def flux_vae(
+    block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int = 32
+) -> AutoencoderKL:
+    """FLUX's VAE shape: 16 latent channels, 8x downsampling, no quant convs."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=16,
+        norm_num_groups=norm_num_groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's flow-matching scheduler with resolution-dependent shifting."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def build_embedded_pipeline() -> FluxPipeline:
     """Build the tiny FLUX pipeline in memory; deterministic for a given library version."""
     torch.manual_seed(EMBEDDED_SEED)
@@ -140,30 +172,9 @@ def build_embedded_pipeline() -> FluxPipeline:
             eos_token_id=t5_tokenizer.eos_token_id,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=0.3611,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    vae = flux_vae(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=clip,
         tokenizer=clip_tokenizer,
