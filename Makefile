@@ -9,7 +9,9 @@ PORT ?= 8000
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser serve test lint bench clean
 
 install: $(STAMP)
 
@@ -27,7 +29,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check stream pipeline tests bench
 	$(BIN)/mypy stream pipeline
 
-test: lint
+# The browser tests drive Debian's Chromium. Install it when it is missing and apt is usable
+# (as root); otherwise those tests skip and say why.
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		>/dev/null 2>&1; } || echo "chromium could not be installed: the browser tests will skip"
+
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

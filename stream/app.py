@@ -19,15 +19,18 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.jobs import ImageEngine
+from stream import sse
 from stream.errors import APIError, InvalidRequest, NotFound, ServerError, error_body
+from stream.job_service import JobService
+from stream.jobs import JobStore, MemoryJobStore
 from stream.params import parse_generation_request, plan_generation
 from stream.serving import ImageService
 from stream.settings import Settings
 from stream.store import DiskResultStore, ResultStore
+from stream.webhooks import check_webhook_url
 
 logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-SWEEP_INTERVAL_S = 60.0
 
 
 async def read_json(request: Request) -> object:
@@ -37,17 +40,69 @@ async def read_json(request: Request) -> object:
         raise InvalidRequest("the request body is not valid JSON") from None
 
 
+async def read_json_object(request: Request) -> dict[str, object]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def last_event_id(request: Request) -> int:
+    """Where a resuming `EventSource` left off (0: from the start)."""
+    text = request.headers.get("last-event-id", "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise InvalidRequest("Last-Event-ID must be an event id", param="Last-Event-ID")
+    return int(text)
+
+
 def create_app(
-    settings: Settings, engine: ImageEngine, store: ResultStore | None = None
+    settings: Settings,
+    engine: ImageEngine,
+    store: ResultStore | None = None,
+    job_store: JobStore | None = None,
 ) -> Starlette:
     store = store or DiskResultStore(settings.data_dir, settings.url_ttl_s)
     service = ImageService(settings, engine, store)
+    jobs = JobService(
+        service,
+        job_store
+        or MemoryJobStore(buffer_size=settings.job_event_buffer, retention_s=settings.job_ttl_s),
+    )
 
     async def generations(request: Request) -> Response:
         plan = plan_generation(
             parse_generation_request(await read_json(request)), settings, engine.profile
         )
         return await service.respond(request, plan, kind="image_generation")
+
+    async def create_job(request: Request) -> Response:
+        body = await read_json_object(request)
+        webhook_url = check_webhook_url(body.pop("webhook_url", None), settings)
+        parsed = parse_generation_request(body)
+        plan = plan_generation(parsed, settings, engine.profile)
+        base_url = service.base_url(request)
+        record = jobs.submit(
+            plan,
+            kind="image_generation",
+            partial_images=parsed.partial_images or 0,
+            base_url=base_url,
+            webhook_url=webhook_url,
+        )
+        return JSONResponse(jobs.snapshot(record, base_url), status_code=202)
+
+    async def job(request: Request) -> Response:
+        record = jobs.get(request.path_params["job_id"])
+        return JSONResponse(jobs.snapshot(record, service.base_url(request)))
+
+    async def cancel_job(request: Request) -> Response:
+        record = jobs.cancel(request.path_params["job_id"])
+        return JSONResponse(jobs.snapshot(record, service.base_url(request)))
+
+    async def job_events(request: Request) -> Response:
+        frames = jobs.event_frames(request.path_params["job_id"], last_event_id(request))
+        return sse.event_stream(frames, keepalive_s=settings.keepalive_s, headers={})
 
     async def result_file(request: Request) -> Response:
         stored = store.get(request.path_params["name"])
@@ -78,15 +133,20 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as group:
-            group.start_soon(_sweep_forever, store)
+            group.start_soon(_sweep_forever, store, jobs, settings.sweep_interval_s)
             try:
-                yield
+                async with jobs.running():
+                    yield
             finally:
                 group.cancel_scope.cancel()
                 await engine.aclose()
 
     routes: list[BaseRoute] = [
         Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/jobs", create_job, methods=["POST"]),
+        Route("/v1/images/jobs/{job_id}", job, methods=["GET"]),
+        Route("/v1/images/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+        Route("/v1/images/jobs/{job_id}/events", job_events, methods=["GET"]),
         Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
@@ -107,10 +167,11 @@ def _model_card(model_id: str) -> dict[str, object]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "fluxstream"}
 
 
-async def _sweep_forever(store: ResultStore) -> None:
+async def _sweep_forever(store: ResultStore, jobs: JobService, interval_s: float) -> None:
     while True:
         await anyio.to_thread.run_sync(store.sweep)
-        await anyio.sleep(SWEEP_INTERVAL_S)
+        await jobs.sweep()
+        await anyio.sleep(interval_s)
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -53,15 +53,19 @@ class ImageService:
         except EngineClosed:
             raise ServiceUnavailable("the server is shutting down") from None
 
+    def base_url(self, request: Request) -> str:
+        """Where url results are served from, as clients reach this server."""
+        return self.settings.public_base_url or str(request.base_url)
+
     async def respond(self, request: Request, plan: ImagePlan, kind: str) -> Response:
         """`kind` is the event prefix: `image_generation` or `image_edit`."""
         handle = self.submit(plan)
-        base_url = self.settings.public_base_url or str(request.base_url)
+        base_url = self.base_url(request)
         if plan.stream:
             frames = self._stream(handle, plan, kind, base_url)
             return sse.event_stream(frames, keepalive_s=self.settings.keepalive_s, headers={})
         result = await _result_unless_disconnected(handle, request)
-        return JSONResponse(await self._body(result, plan, base_url))
+        return JSONResponse(await self.result_body(result, plan, base_url))
 
     async def _stream(
         self, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
@@ -69,7 +73,7 @@ class ImageService:
         try:
             async for event in handle.events():
                 if isinstance(event, Preview):
-                    yield sse.event_frame(await self._partial_payload(event, plan, kind))
+                    yield sse.event_frame(await self.partial_payload(event, plan, kind))
                 elif isinstance(event, Result):
                     yield sse.event_frame(
                         await self._completed_payload(event, plan, kind, base_url)
@@ -79,9 +83,7 @@ class ImageService:
         except EngineError as error:
             yield sse.error_frame(str(error) or "image generation failed")
 
-    async def _partial_payload(
-        self, preview: Preview, plan: ImagePlan, kind: str
-    ) -> dict[str, Any]:
+    async def partial_payload(self, preview: Preview, plan: ImagePlan, kind: str) -> dict[str, Any]:
         preview_format = plan.output_format if plan.output_format in LOSSY_FORMATS else "jpeg"
         data = await encode_async(preview.image, preview_format, plan.quality)
         return {
@@ -104,10 +106,13 @@ class ImageService:
             "usage": _usage(plan),
         }
 
-    async def _body(self, result: Result, plan: ImagePlan, base_url: str) -> dict[str, Any]:
+    async def result_body(
+        self, result: Result, plan: ImagePlan, base_url: str, files: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The plain (non-streaming) response; names of stored url files go to `files`."""
         return {
             "created": int(time.time()),
-            "data": await self._items(result, plan, base_url, always_b64=False),
+            "data": await self._items(result, plan, base_url, always_b64=False, files=files),
             "model": plan.model,
             "size": plan.size_text,
             "output_format": plan.output_format,
@@ -117,7 +122,13 @@ class ImageService:
         }
 
     async def _items(
-        self, result: Result, plan: ImagePlan, base_url: str, *, always_b64: bool
+        self,
+        result: Result,
+        plan: ImagePlan,
+        base_url: str,
+        *,
+        always_b64: bool,
+        files: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         items = []
         for image, seed in zip(result.images, result.seeds, strict=True):
@@ -127,6 +138,8 @@ class ImageService:
                 item["b64_json"] = to_b64(data)
             if plan.response_format == "url":
                 name = await self.store.put(data, plan.output_format)
+                if files is not None:
+                    files.append(name)
                 item["url"] = f"{base_url.rstrip('/')}/v1/images/files/{name}"
             item["revised_prompt"] = plan.job.prompt
             item["seed"] = seed

@@ -74,6 +74,24 @@ class Settings(BaseSettings):
     )
     preview_max_side: int = Field(512, ge=16, description="long side of preview images")
     keepalive_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
+    sweep_interval_s: float = Field(
+        60.0, gt=0, description="seconds between sweeps of expired files and jobs"
+    )
+
+    job_ttl_s: float = Field(
+        3600.0, gt=0, description="how long finished jobs (and their files) are kept"
+    )
+    job_event_buffer: int = Field(
+        64, ge=1, description="events kept per job for resuming browsers (Last-Event-ID)"
+    )
+    webhook_allowed_hosts: tuple[str, ...] = Field(
+        (), description="hosts a job's webhook_url may name; empty: webhooks are refused"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="timeout of one webhook attempt")
+    webhook_attempts: int = Field(3, ge=1, description="webhook attempts before giving up")
+    webhook_backoff_s: float = Field(
+        1.0, ge=0, description="wait before the second attempt; doubles after each"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @property

@@ -3,7 +3,9 @@
 Deliberate choices (see ../shared/protocol.md):
 - every frame is `event: <type>` + one `data: <json>` line, the event name equal to the
   JSON `type`; lines end with a bare `\\n`;
-- no `id:` lines ever: after one, the Python SDK turns later blank lines into empty events;
+- no `id:` lines ever on the OpenAI streams: after one, the Python SDK turns later blank
+  lines into empty events. Only `job_frame`, for the browser-only jobs event stream,
+  carries ids, so that `EventSource` can resume with `Last-Event-ID`;
 - keep-alives are SSE comments (`: ping`), never events with empty data;
 - a failure after the stream started is one `error` frame, then the body ends.
 
@@ -28,6 +30,19 @@ def event_frame(payload: dict[str, Any]) -> ServerSentEvent:
     """One OpenAI event; `payload["type"]` is also the SSE event name."""
     return ServerSentEvent(
         data=json.dumps(payload, separators=(",", ":")), event=payload["type"], sep=SEPARATOR
+    )
+
+
+def job_frame(event_id: int, name: str, payload: dict[str, Any]) -> ServerSentEvent:
+    """One event of `GET /v1/images/jobs/{id}/events` (browsers only: it has an `id:`).
+
+    Failures are named `failed` or `cancelled`, never `error`: an `EventSource` reports its
+    own connection errors as `error` events, and the two must not be confused."""
+    return ServerSentEvent(
+        data=json.dumps(payload, separators=(",", ":")),
+        event=name,
+        id=str(event_id),
+        sep=SEPARATOR,
     )
 
 

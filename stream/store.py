@@ -37,6 +37,10 @@ class ResultStore(Protocol):
         """The stored file, or None if the name is unknown, malformed or expired."""
         ...
 
+    def delete(self, name: str) -> None:
+        """Delete one stored file now (its job was dropped); unknown names are ignored."""
+        ...
+
     def sweep(self) -> int:
         """Delete expired files; returns how many were deleted."""
         ...
@@ -79,6 +83,10 @@ class DiskResultStore:
             path.unlink(missing_ok=True)
             return None
         return StoredFile(path=path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
+
+    def delete(self, name: str) -> None:
+        if _NAME.match(name):
+            (self.root / name).unlink(missing_ok=True)
 
     def sweep(self) -> int:
         deleted = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,10 +42,19 @@ def scripted_events(job: Job) -> list[Event | EngineError]:
     return events
 
 
+def opened() -> threading.Event:
+    gate = threading.Event()
+    gate.set()
+    return gate
+
+
 @dataclass
 class FakeHandle:
+    """Plays its script; holds before the `Result` until `release` is set (from any thread)."""
+
     script: Sequence[Event | EngineError]
     delay_s: float = 0.0
+    release: threading.Event = field(default_factory=opened)
     cancelled: bool = False
 
     async def events(self) -> AsyncIterator[Event]:
@@ -52,6 +62,8 @@ class FakeHandle:
             await asyncio.sleep(self.delay_s)
             if isinstance(item, EngineError):
                 raise item
+            while isinstance(item, Result) and not self.release.is_set():
+                await asyncio.sleep(0.01)
             yield item
 
     def cancel(self) -> None:
@@ -60,11 +72,13 @@ class FakeHandle:
 
 @dataclass
 class FakeEngine:
-    """Records submitted jobs; `script` overrides the events, `full` makes submit refuse."""
+    """Records submitted jobs; `script` overrides the events, `full` makes submit refuse,
+    and clearing `release` holds every job before its result."""
 
     script: Sequence[Event | EngineError] | None = None
     full: bool = False
     delay_s: float = 0.0
+    release: threading.Event = field(default_factory=opened)
     jobs: list[Job] = field(default_factory=list)
     handles: list[FakeHandle] = field(default_factory=list)
     closed: bool = False
@@ -82,7 +96,9 @@ class FakeEngine:
             raise QueueFull(retry_after_s=7.2)
         self.jobs.append(job)
         handle = FakeHandle(
-            self.script if self.script is not None else scripted_events(job), self.delay_s
+            self.script if self.script is not None else scripted_events(job),
+            self.delay_s,
+            self.release,
         )
         self.handles.append(handle)
         return handle

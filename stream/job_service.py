@@ -1,0 +1,202 @@
+"""Jobs you can watch from a browser: submit now, read the events later, resume at will.
+
+The OpenAI POST streams tie a job to its HTTP response: when the client leaves, the job is
+cancelled. A browser's `EventSource` can only GET and reconnects whenever it likes, so here
+the job is decoupled from its watchers. A background task owned by the app consumes the
+engine's events and appends them to the job's record in a `JobStore`; any number of
+watchers read the record's bounded buffer, from the start or after a `Last-Event-ID`.
+
+Who cancels whom:
+- a watcher disconnects: only its SSE response ends; the job runs on;
+- `DELETE /v1/images/jobs/{id}`: the record turns `cancelled` at once, the follower task's
+  cancel scope is cancelled, and the engine handle is cancelled (queued: dropped;
+  running: stopped at its next step);
+- shutdown: the task group of `running()` is cancelled, which cancels every follower and
+  through it every engine job, before the engine itself is closed;
+- the engine fails the job: the record turns `failed` with a message safe for users.
+A webhook, when asked for, is sent after the job's terminal event, whatever it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from sse_starlette import ServerSentEvent
+
+from pipeline.jobs import EngineError, JobCancelled, JobHandle, Preview, Progress, Result
+from stream import sse, webhooks
+from stream.errors import NotFound, ServiceUnavailable, error_body
+from stream.jobs import JobRecord, JobStore
+from stream.params import ImagePlan
+from stream.serving import ImageService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Following:
+    handle: JobHandle
+    scope: anyio.CancelScope
+
+
+class JobService:
+    def __init__(self, images: ImageService, store: JobStore) -> None:
+        self.images = images
+        self.settings = images.settings
+        self.store = store
+        self._group: anyio.abc.TaskGroup | None = None
+        self._following: dict[str, _Following] = {}
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Own the follower tasks for the app's lifetime; leaving cancels them all."""
+        async with anyio.create_task_group() as group:
+            self._group = group
+            try:
+                yield
+            finally:
+                self._group = None
+                group.cancel_scope.cancel()
+
+    def submit(
+        self,
+        plan: ImagePlan,
+        *,
+        kind: str,
+        partial_images: int,
+        base_url: str,
+        webhook_url: str | None = None,
+    ) -> JobRecord:
+        """Queue any planned request as a job (429/503 before anything is recorded).
+
+        `kind` is the event prefix of its partial images (`image_generation` or
+        `image_edit`); `partial_images` previews are made whatever `plan.stream` says,
+        since the job's events, not its response, carry them."""
+        if self._group is None:
+            raise ServiceUnavailable("the server is not accepting jobs")
+        job = dataclasses.replace(plan.job, partial_images=partial_images)
+        plan = dataclasses.replace(plan, job=job, partial_images=partial_images)
+        handle = self.images.submit(plan)
+        record = self.store.create()
+        self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
+        following = _Following(handle, anyio.CancelScope())
+        self._following[record.id] = following
+        self._group.start_soon(
+            self._follow, record.id, following, plan, kind, base_url, webhook_url
+        )
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound("this job does not exist or has expired", code="job_not_found")
+        return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job that has not finished; a finished job is left as it is."""
+        record = self.get(job_id)
+        following = self._following.get(job_id)
+        if following is not None and not record.finished:
+            self.store.append(
+                job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
+            )
+            following.handle.cancel()
+            following.scope.cancel()
+        return record
+
+    def snapshot(self, record: JobRecord, base_url: str) -> dict[str, Any]:
+        """What `GET /v1/images/jobs/{id}` answers, the 202 of submit, and the webhook body."""
+        progress = None
+        if record.total_steps is not None:
+            progress = {"step": record.step, "total_steps": record.total_steps}
+        return {
+            "id": record.id,
+            "object": "image.job",
+            "status": record.status,
+            "created": record.created,
+            "events_url": f"{base_url.rstrip('/')}/v1/images/jobs/{record.id}/events",
+            "progress": progress,
+            "result": record.result,
+            "error": record.error,
+        }
+
+    def event_frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+        """The job's events after `after` as SSE frames with ids; 404 before streaming."""
+        self.get(job_id)
+        return self._frames(job_id, after)
+
+    async def _frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+        async for event in self.store.follow(job_id, after):
+            yield sse.job_frame(event.id, event.name, event.data)
+
+    async def sweep(self) -> int:
+        """Drop jobs whose retention ran out, with their result files."""
+        gone = self.store.expired(time.time())
+        names = [name for record in gone for name in record.files]
+        for name in names:
+            await anyio.to_thread.run_sync(self.images.store.delete, name)
+        return len(gone)
+
+    async def _follow(
+        self,
+        job_id: str,
+        following: _Following,
+        plan: ImagePlan,
+        kind: str,
+        base_url: str,
+        webhook_url: str | None,
+    ) -> None:
+        try:
+            with following.scope:
+                await self._consume(job_id, following.handle, plan, kind, base_url)
+        finally:
+            del self._following[job_id]
+        record = self.store.get(job_id)
+        if webhook_url is not None and record is not None:
+            payload = self.snapshot(record, base_url)
+            if not await webhooks.deliver(webhook_url, payload, self.settings):
+                logger.warning("webhook for job %s was not delivered", job_id)
+
+    async def _consume(
+        self, job_id: str, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
+    ) -> None:
+        append = self.store.append
+        try:
+            async for event in handle.events():
+                if isinstance(event, Progress):
+                    append(
+                        job_id, "progress", {"step": event.step, "total_steps": event.total_steps}
+                    )
+                elif isinstance(event, Preview):
+                    append(
+                        job_id,
+                        "partial_image",
+                        await self.images.partial_payload(event, plan, kind),
+                    )
+                elif isinstance(event, Result):
+                    files: list[str] = []
+                    body = await self.images.result_body(event, plan, base_url, files)
+                    data = {"id": job_id, "status": "completed", "result": body}
+                    append(job_id, "completed", data, tuple(files))
+        except JobCancelled:
+            append(job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled"))
+        except EngineError as error:
+            message = str(error) or "the image could not be generated"
+            append(job_id, "failed", _failure(job_id, "failed", message))
+        except Exception:
+            logger.exception("job %s failed while its results were prepared", job_id)
+            append(job_id, "failed", _failure(job_id, "failed", "the server hit an internal error"))
+
+
+def _failure(job_id: str, status: str, message: str) -> dict[str, Any]:
+    code = "cancelled" if status == "cancelled" else None
+    error = error_body(message, type="server_error", code=code)["error"]
+    return {"id": job_id, "status": status, "error": error}

@@ -1,0 +1,61 @@
+"""Deliver a finished job to the `webhook_url` its creator gave: allow-listed hosts only.
+
+The server makes outgoing requests on a client's behalf, so a webhook could be aimed at
+internal services. Only hosts named in `webhook_allowed_hosts` are accepted (checked before
+the job is queued, so a bad URL is a 400), redirects are never followed, and each attempt
+has a timeout. Failures are retried with exponential backoff, then logged; they never
+change the job's own status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from stream.errors import InvalidRequest
+from stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def check_webhook_url(url: object, settings: Settings) -> str | None:
+    """The URL if it may be called back, None if absent; a 400 otherwise."""
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise InvalidRequest("webhook_url must be a string", param="webhook_url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest("webhook_url must be an http or https URL", param="webhook_url")
+    if parts.hostname.lower() not in settings.webhook_allowed_hosts:
+        raise InvalidRequest(
+            f"webhook_url host {parts.hostname!r} is not allowed on this server",
+            param="webhook_url",
+            code="webhook_host_not_allowed",
+        )
+    return url
+
+
+async def deliver(url: str, payload: dict[str, Any], settings: Settings) -> bool:
+    """POST `payload` as JSON until a 2xx answer or the attempts run out."""
+    timeout = httpx.Timeout(settings.webhook_timeout_s)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+        for attempt in range(settings.webhook_attempts):
+            if attempt:
+                await anyio.sleep(settings.webhook_backoff_s * 2 ** (attempt - 1))
+            try:
+                response = await client.post(url, json=payload)
+            except httpx.HTTPError as error:
+                logger.warning("webhook attempt %d failed: %s", attempt + 1, type(error).__name__)
+                continue
+            if response.is_success:
+                return True
+            logger.warning("webhook attempt %d answered %d", attempt + 1, response.status_code)
+            if response.status_code not in RETRY_STATUSES:
+                return False
+    return False
