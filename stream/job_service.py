@@ -139,7 +139,7 @@ class JobService:
 
     async def sweep(self) -> int:
         """Drop jobs whose retention ran out, with their result files."""
-        gone = self.store.expired(time.time())
+        gone = self.store.sweep(time.time())
         names = [name for record in gone for name in record.files]
         for name in names:
             await anyio.to_thread.run_sync(self.images.store.delete, name)

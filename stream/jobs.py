@@ -5,6 +5,10 @@ with `Last-Event-ID`, and read the same events again. Its state is a fold of its
 (`queued` → `progress`/`partial_image` … → `completed`, `failed` or `cancelled`), so a
 store only has to keep the latest snapshot and the last few events.
 
+A sweep trims the buffer of a finished job to its terminal event (which carries the
+result): a watcher that comes later needs the outcome, not the previews, and the previews
+would hold memory for the whole retention.
+
 `MemoryJobStore` keeps everything in this process; a shared store (Redis streams, for
 instance) implements the same `JobStore` protocol when the app runs as several replicas.
 """
@@ -76,8 +80,9 @@ class JobStore(Protocol):
         the job's terminal event has been yielded."""
         ...
 
-    def expired(self, now: float) -> list[JobRecord]:
-        """Remove and return the records that finished more than the retention ago."""
+    def sweep(self, now: float) -> list[JobRecord]:
+        """Remove and return the records that finished more than the retention ago, and
+        trim the buffers of the other finished ones to their terminal event."""
         ...
 
 
@@ -141,10 +146,15 @@ class MemoryJobStore:
                 return
             await changed.wait()
 
-    def expired(self, now: float) -> list[JobRecord]:
+    def sweep(self, now: float) -> list[JobRecord]:
         gone = [e.record for e in self._entries.values() if self._is_expired(e.record, now)]
         for record in gone:
             del self._entries[record.id]
+        for entry in self._entries.values():
+            if entry.record.finished and len(entry.buffer) > 1:
+                terminal = entry.buffer[-1]
+                entry.buffer.clear()
+                entry.buffer.append(terminal)
         return gone
 
     def _is_expired(self, record: JobRecord, now: float) -> bool:

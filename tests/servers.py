@@ -1,12 +1,16 @@
-"""A real uvicorn server on a free loopback port, in a thread: what SDK clients see."""
+"""Real servers on free loopback ports, in threads: the app as SDK clients see it, and a
+receiver that plays a webhook endpoint."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -33,3 +37,29 @@ def live_server(app: ASGIApp) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def webhook_receiver(statuses: Sequence[int]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Yield a URL on 127.0.0.1 and the JSON bodies POSTed to it; the i-th call is answered
+    with `statuses[i]` (the last one repeats)."""
+    bodies: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(statuses[min(len(bodies), len(statuses)) - 1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", bodies
+    finally:
+        server.shutdown()
+        server.server_close()

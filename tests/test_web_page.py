@@ -1,0 +1,181 @@
+"""The demo page in a real browser (Debian's Chromium driven by Playwright) against a real
+server running the embedded model.
+
+The runner can hold each job after each preview until the test lets it go on, so what the
+browser shows between previews is observed without any timing assumption.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine import Emit, StopRequested, ThreadedEngine
+from pipeline.factory import create_flux_runner
+from pipeline.jobs import Event, Job, ModelProfile, Preview, Result
+from pipeline.loading import ModelSpec
+from pipeline.runner import FluxRunner
+from stream.app import create_app
+from tests.conftest import make_settings
+from tests.servers import live_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"Chromium is not installed at {CHROMIUM}; `make test` installs it with apt-get "
+        "where apt is usable (as root)",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+PARTIAL = '#preview[data-kind="partial"][data-index="{}"]'
+
+
+class HeldRunner:
+    """The real runner; while `holding`, it waits after each preview for one `go()`."""
+
+    def __init__(self, runner: FluxRunner) -> None:
+        self._runner = runner
+        self._permits = threading.Semaphore(0)
+        self.holding = False
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self._runner.profile
+
+    def hold(self) -> None:
+        """Hold from the next preview on, with no permits left over from earlier tests."""
+        self._permits = threading.Semaphore(0)
+        self.holding = True
+
+    def go(self) -> None:
+        self._permits.release()
+
+    def free(self) -> None:
+        """Stop holding, and let a job that waits now go on."""
+        self.holding = False
+        self._permits.release()
+
+    def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
+        def emit_then_wait(event: Event) -> None:
+            emit(event)
+            if isinstance(event, Preview) and self.holding:
+                self._permits.acquire(timeout=60)
+
+        return self._runner.run(job, emit_then_wait, stop_requested)
+
+
+@pytest.fixture(scope="module")
+def held_runner(model_cache: Path) -> HeldRunner:
+    return HeldRunner(create_flux_runner(ModelSpec(cache_dir=model_cache)))
+
+
+@pytest.fixture(scope="module")
+def page_server(held_runner: HeldRunner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = make_settings(tmp_path_factory.mktemp("web"), max_pixels=256 * 256)
+    engine = ThreadedEngine(held_runner, max_queued=4)
+    with live_server(create_app(settings, engine)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, page_server: str, held_runner: HeldRunner) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(page_server)
+    held_runner.hold()
+    yield page
+    held_runner.free()
+    context.close()
+
+
+def start(page: Page, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.select_option("#resolution", "0.5K")
+    page.click("#generate")
+
+
+def test_image_sharpens_through_previews_then_lands_in_the_gallery(
+    page: Page, held_runner: HeldRunner, tmp_path: Path
+) -> None:
+    start(page, "a lighthouse at dusk")
+    previews = []
+    for index in range(3):
+        page.wait_for_selector(PARTIAL.format(index))
+        previews.append(page.get_attribute("#preview", "src"))
+        if index == 1:
+            page.screenshot(path=tmp_path / "demo-page-forming.png")
+        expect(page.locator("#step-label")).to_contain_text("of 8")
+        expect(page.locator("#gallery .card")).to_have_count(0)
+        held_runner.go()
+    page.wait_for_selector('#preview[data-kind="final"]')
+    page.screenshot(path=tmp_path / "demo-page.png", full_page=True)
+
+    assert len(set(previews)) == 3, "each preview must be a different image"
+    card = page.locator("#gallery .card")
+    expect(card).to_have_count(1)
+    expect(card.locator(".facts")).to_contain_text("seed ")
+    expect(card.locator(".facts")).to_contain_text("8 steps")
+    final_src = page.get_attribute("#preview", "src")
+    assert final_src not in previews
+    assert card.locator("img").get_attribute("src") == final_src
+    assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") > 0
+    assert card.locator("a.download").get_attribute("download", timeout=0).endswith(".png")
+    expect(page.locator("#step-label")).to_contain_text("done")
+
+
+def test_cancel_stops_the_job_and_says_so(page: Page, held_runner: HeldRunner) -> None:
+    start(page, "a storm over the sea")
+    page.wait_for_selector(PARTIAL.format(0))
+    page.click("#cancel")
+    expect(page.locator("#message")).to_contain_text("cancelled")
+    expect(page.locator("#stage")).to_have_attribute("data-state", "cancelled")
+    expect(page.locator("#generate")).to_be_enabled()
+    held_runner.free()
+    expect(page.locator("#gallery .card")).to_have_count(0)
+
+
+def test_reload_mid_job_resumes_and_finishes(page: Page, held_runner: HeldRunner) -> None:
+    start(page, "a fox in the snow")
+    page.wait_for_selector(PARTIAL.format(0))
+    assert "#job=imgjob_" in page.url
+    page.reload()
+    page.wait_for_selector(PARTIAL.format(0))
+    expect(page.locator("#stage")).to_have_attribute("data-state", "running")
+    expect(page.locator("#prompt")).to_have_value("a fox in the snow")
+    held_runner.free()
+    page.wait_for_selector('#preview[data-kind="final"]')
+    expect(page.locator("#gallery .card")).to_have_count(1)
+    expect(page.locator("#gallery .card .prompt")).to_have_text("a fox in the snow")
+    assert "#job=" not in page.url
+
+
+def test_bad_request_is_shown_as_a_readable_message(page: Page) -> None:
+    page.fill("#prompt", "x")
+    page.fill("#seed", "-5")
+    page.click("#generate")
+    expect(page.locator("#message")).to_contain_text("seed")
+    expect(page.locator("#stage")).to_have_attribute("data-state", "error")
