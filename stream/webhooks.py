@@ -32,7 +32,7 @@ def check_webhook_url(url: object, settings: Settings) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest("webhook_url must be an http or https URL", param="webhook_url")
-    if parts.hostname.lower() not in settings.webhook_allowed_hosts:
+    if parts.hostname.lower() not in {host.lower() for host in settings.webhook_allowed_hosts}:
         raise InvalidRequest(
             f"webhook_url host {parts.hostname!r} is not allowed on this server",
             param="webhook_url",
