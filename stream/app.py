@@ -80,6 +80,7 @@ def create_app(
     async def create_job(request: Request) -> Response:
         body = await read_json_object(request)
         webhook_url = check_webhook_url(body.pop("webhook_url", None), settings)
+        body.pop("stream", None)  # a job streams through its events URL, whatever it asks
         parsed = parse_generation_request(body)
         plan = plan_generation(parsed, settings, engine.profile)
         base_url = service.base_url(request)

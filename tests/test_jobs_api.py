@@ -183,6 +183,14 @@ def test_job_makes_the_partial_images_it_asks_for_without_stream(
     assert fake_engine.jobs[0].partial_images == 3
 
 
+def test_job_may_make_several_images_even_when_it_asks_to_stream(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    job = submit(fake_server, {**JOB, "n": 2, "seed": 5, "stream": True})
+    result = wait_for(fake_server, job["id"], "completed")["result"]
+    assert [item["seed"] for item in result["data"]] == [5, 6]
+
+
 @pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("DELETE", ""), ("GET", "/events")])
 def test_unknown_job_is_an_openai_shaped_404(fake_server: str, method: str, suffix: str) -> None:
     response = httpx.request(method, f"{fake_server}/v1/images/jobs/imgjob_nope{suffix}")
