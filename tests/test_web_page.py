@@ -10,8 +10,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.engine import Emit, StopRequested, ThreadedEngine
 from pipeline.factory import create_flux_runner
@@ -19,7 +22,9 @@ from pipeline.jobs import Event, Job, ModelProfile, Preview, Result
 from pipeline.loading import ModelSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
+from stream.errors import error_body
 from tests.conftest import make_settings
+from tests.fakes import FakeEngine
 from tests.servers import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -179,3 +184,51 @@ def test_bad_request_is_shown_as_a_readable_message(page: Page) -> None:
     page.click("#generate")
     expect(page.locator("#message")).to_contain_text("seed")
     expect(page.locator("#stage")).to_have_attribute("data-state", "error")
+
+
+class KeyRequired:
+    """Stands in for the server's API keys: `/v1/*` needs `Authorization: Bearer <key>`,
+    or, where a browser cannot send headers, `?api_key=<key>`; result files stay open, as
+    their unguessable names are the capability. Records what it let in by query."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key
+        self.by_query: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if path.startswith("/v1/") and not path.startswith("/v1/images/files/"):
+            bearer = dict(scope["headers"]).get(b"authorization") == f"Bearer {self.key}".encode()
+            query = parse_qs(scope["query_string"].decode()).get("api_key") == [self.key]
+            if query:
+                self.by_query.append(scope["path"])
+            if not (bearer or query):
+                body = error_body(
+                    "invalid api key", type="authentication_error", code="invalid_api_key"
+                )
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def test_page_asks_for_the_api_key_then_uses_it_for_calls_and_events(
+    browser: Browser, tmp_path: Path
+) -> None:
+    guarded = KeyRequired(create_app(make_settings(tmp_path), FakeEngine()), key="sk-test")
+    with live_server(guarded) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.fill("#prompt", "a key")
+        page.click("#generate")
+        expect(page.locator("#message")).to_contain_text("API key")
+        expect(page.locator("#api-key")).to_be_visible()
+        page.fill("#api-key", "sk-test")
+        page.click("#generate")
+        page.press("#api-key", "Enter")
+        expect(page.locator("#api-key")).to_be_hidden()
+        expect(page.locator("#gallery .card")).to_have_count(1)
+        context.close()
+    assert guarded.by_query and all(path.endswith("/events") for path in guarded.by_query)

@@ -416,8 +416,12 @@ function init() {
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.metaKey || event.ctrlKey)) $("form").requestSubmit();
   });
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    $("key-box").open = false;
+  });
   $("api-key").value = apiKey();
-  $("api-key").addEventListener("change", () => saved.set(STORE.key, $("api-key").value.trim() || null));
+  $("api-key").addEventListener("input", () => saved.set(STORE.key, $("api-key").value.trim() || null));
   gallery.render();
   showModel();
   resume();
