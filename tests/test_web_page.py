@@ -46,6 +46,9 @@ if not CHROMIUM.exists():
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
 PARTIAL = '#preview[data-kind="partial"][data-index="{}"]'
+# Waits end as soon as the page shows the value; the limit only bounds a failing test on a
+# busy machine.
+expect.set_options(timeout=30_000)
 
 
 class HeldRunner:
