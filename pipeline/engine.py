@@ -10,7 +10,9 @@ Who cancels whom:
   itself; a queued job leaves the queue at once, a running one stops at its next step;
 - `aclose()` (shutdown): queued jobs fail with `EngineClosed`, the running one is
   cancelled, and the worker thread is joined;
-- the runner raises: the job fails with a `JobFailed` whose message is safe for users,
+- the runner raises an `EngineError` (cancelled, parameters rejected, every image flagged):
+  the caller gets it as is;
+- the runner raises anything else: the job fails with a `JobFailed` whose message is safe for users,
   the traceback goes to the log, and the worker takes the next job.
 """
 
@@ -189,8 +191,9 @@ class ThreadedEngine:
             started = time.perf_counter()
             try:
                 result = self._runner.run(ticket.job, ticket.deliver, ticket.stop_requested)
-            except JobCancelled as cancelled:
-                ticket.deliver(cancelled)
+            except EngineError as refused:
+                # Cancelled, rejected parameters, all images flagged: the runner's own words.
+                ticket.deliver(refused)
             except Exception:
                 logger.exception("job failed")
                 ticket.deliver(JobFailed("the image could not be generated"))

@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 
 from PIL import Image
 
+Acceleration = Literal["none", "regular", "high"]
+
 
 @dataclass(frozen=True)
 class Job:
@@ -30,6 +32,9 @@ class Job:
     partial_images: int = 0
     preview_size: tuple[int, int] = (512, 512)
     pipeline_kwargs: Mapping[str, object] = field(default_factory=dict)
+    acceleration: Acceleration = "none"
+    go_fast: bool = False
+    safety_check: bool = False
 
     @property
     def num_images(self) -> int:
@@ -56,10 +61,18 @@ class Preview:
 
 @dataclass(frozen=True)
 class Result:
-    """The finished images, in the order of `Job.seeds`."""
+    """The finished images that passed the safety check, in the order of `Job.seeds`.
+
+    `acceleration` is the speed-up that actually ran and `speedup` says how, in words
+    (for example what `go_fast` fell back to); `filtered` counts images withheld by the
+    safety checker.
+    """
 
     images: tuple[Image.Image, ...]
     seeds: tuple[int, ...]
+    acceleration: Acceleration = "none"
+    speedup: str = "none"
+    filtered: int = 0
 
 
 Event = Progress | Preview | Result
@@ -89,6 +102,15 @@ class JobFailed(EngineError):
     """The pipeline raised while running the job; the message is safe to show users."""
 
 
+class ContentFiltered(EngineError):
+    """The safety checker flagged every image of the job, so there is nothing to return."""
+
+
+class JobRejected(EngineError):
+    """The pipeline refused the job's parameters before its first step (for example a
+    passed-through keyword out of its range); the message is safe to show users."""
+
+
 class JobHandle(Protocol):
     def events(self) -> AsyncIterator[Event]:
         """Events of this job, ending with a `Result` or raising an `EngineError`."""
@@ -108,6 +130,7 @@ class ModelProfile:
     default_guidance: float
     pipeline_parameters: frozenset[str] = frozenset()
     speedups: tuple[str, ...] = ()
+    safety_checker: bool = False
 
 
 EngineStatus = Literal["warming", "ok", "failed", "closed"]

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
+    from pipeline.safety import SafetyCheckerLoadError, SafetySpec
     from pipeline.speedups import Speedups
 
     spec = ModelSpec(
@@ -45,9 +46,20 @@ def main(argv: list[str] | None = None) -> int:
             attention_backend=settings.attention_backend,
         ),
     )
+    safety = (
+        SafetySpec(
+            model=settings.safety_checker_model,
+            labels=settings.safety_checker_labels,
+            threshold=settings.safety_checker_threshold,
+        )
+        if settings.safety_checker_model is not None
+        else None
+    )
     try:
-        engine = create_flux_engine(spec, max_queued=settings.max_queued, warmup=settings.warmup)
-    except ModelLoadError as error:
+        engine = create_flux_engine(
+            spec, max_queued=settings.max_queued, warmup=settings.warmup, safety=safety
+        )
+    except (ModelLoadError, SafetyCheckerLoadError) as error:
         print(f"fluxstream: {error}", file=sys.stderr)
         return 2
     app = create_app(settings, engine)

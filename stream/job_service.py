@@ -31,12 +31,21 @@ import anyio
 import anyio.abc
 from sse_starlette import ServerSentEvent
 
-from pipeline.jobs import EngineError, JobCancelled, JobHandle, Preview, Progress, Result
+from pipeline.jobs import (
+    ContentFiltered,
+    EngineError,
+    JobCancelled,
+    JobHandle,
+    JobRejected,
+    Preview,
+    Progress,
+    Result,
+)
 from stream import sse, webhooks
 from stream.errors import NotFound, ServiceUnavailable, error_body
 from stream.jobs import JobRecord, JobStore
 from stream.params import ImagePlan
-from stream.serving import ImageService
+from stream.serving import ImageService, refusal
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +197,9 @@ class JobService:
                     append(job_id, "completed", data, tuple(files))
         except JobCancelled:
             append(job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled"))
+        except (ContentFiltered, JobRejected) as refused:
+            error = refusal(refused, plan).body()["error"]
+            append(job_id, "failed", {"id": job_id, "status": "failed", "error": error})
         except EngineError as error:
             message = str(error) or "the image could not be generated"
             append(job_id, "failed", _failure(job_id, "failed", message))

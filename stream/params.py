@@ -2,8 +2,10 @@
 
 Each field of the FLUX.1 [dev] reference is handled as its "Parameter Normalization" table
 says: passed through, renamed (`cfg_scale` -> FLUX's distilled `guidance_scale`), converted
-(`size`, `aspect_ratio`, `resolution` -> pixels) or emulated (`n`, `response_format`).
-`null` always means "use the default"; multipart strings ("3", "true") are coerced.
+(`size`, `aspect_ratio`, `resolution` -> pixels) or emulated (`n`, `response_format`,
+`sync_mode`, `quality`); unknown fields go through `stream.passthrough`. `null` always means
+"use the default"; multipart strings ("3", "true", "0.8") are coerced by the same model, so
+the edits endpoint subclasses `ImageGenerationRequest` and calls `plan_generation` too.
 """
 
 from __future__ import annotations
@@ -14,15 +16,27 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.jobs import Job, ModelProfile
+from pipeline.jobs import Acceleration, Job, ModelProfile
 from stream.errors import InvalidRequest, NotFound
+from stream.passthrough import split_extras
 from stream.settings import Settings
 from stream.sizes import SizeRequest, generation_size, resolve_size
 
 OutputFormat = Literal["png", "jpeg", "webp", "gif", "avif"]
 ResponseFormat = Literal["url", "b64_json"]
+Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
+# `quality` as a share of the model's default steps; `standard` and `hd` are DALL-E 3's names.
+QUALITY_STEPS: dict[str, tuple[str, float]] = {
+    "low": ("low", 0.5),
+    "medium": ("medium", 0.75),
+    "standard": ("medium", 0.75),
+    "high": ("high", 1.0),
+    "hd": ("high", 1.0),
+    "auto": ("high", 1.0),
+}
 MAX_SEED = 2**32 - 1
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound="ImageGenerationRequest")
 
 
 class ImageGenerationRequest(BaseModel):
@@ -47,11 +61,19 @@ class ImageGenerationRequest(BaseModel):
     output_quality: int | None = Field(None, ge=0, le=100, description="lossy quality")
     stream: bool | None = Field(None, description="stream partial images as SSE")
     partial_images: int | None = Field(None, description="previews to stream (0..3)")
-    quality: str | None = Field(None, description="OpenAI quality; accepted")
-    background: str | None = Field(None, description="OpenAI background; accepted")
-    style: str | None = Field(None, description="OpenAI style; accepted")
-    user: str | None = Field(None, description="end-user id; logged only")
-    moderation: str | None = Field(None, description="OpenAI moderation; accepted")
+    sync_mode: bool | None = Field(None, description="url results as data: URIs, nothing stored")
+    strength: float | None = Field(None, ge=0, le=1, description="edits only; no effect on T2I")
+    acceleration: Acceleration | None = Field(None, description="none, regular or high")
+    go_fast: bool | None = Field(None, description="fp8 + compile, or the nearest speed-up")
+    enable_safety_checker: bool | None = Field(None, description="fal's name")
+    disable_safety_checker: bool | None = Field(None, description="Replicate's name")
+    quality: Quality | None = Field(None, description="step preset: low, medium, high, auto")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="accepted; FLUX images are always opaque"
+    )
+    style: Literal["vivid", "natural"] | None = Field(None, description="accepted; no effect")
+    user: str | None = Field(None, description="end-user id; accepted, not used")
+    moderation: Literal["low", "auto"] | None = Field(None, description="accepted; no effect")
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,9 @@ class ImagePlan:
     quality: int | None
     stream: bool
     partial_images: int
+    sync_mode: bool = False
+    quality_name: str = "high"
+    ignored_parameters: tuple[str, ...] = ()
 
     @property
     def size_text(self) -> str:
@@ -73,10 +98,16 @@ class ImagePlan:
 
 
 def parse_generation_request(body: Any) -> ImageGenerationRequest:
+    return parse_request(body, ImageGenerationRequest)
+
+
+def parse_request(body: Any, model: type[_R]) -> _R:
+    """Validate a JSON object, or a multipart form's fields (all strings), into `model`:
+    `ImageGenerationRequest` or a subclass of it such as the edits request."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        return ImageGenerationRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as error:
         raise _invalid(error) from None
 
@@ -106,24 +137,20 @@ def plan_generation(
     partial_images = _in_range(
         request.partial_images, 0, 0, settings.max_partial_images, "partial_images"
     )
-    steps = _in_range(
-        request.num_inference_steps,
-        profile.default_steps,
-        1,
-        settings.max_steps,
-        "num_inference_steps",
-    )
+    quality_name, steps = _steps(request, settings, profile)
     guidance = _first_given(request.cfg_scale, request.guidance_scale)
     if guidance is None:
         guidance = profile.default_guidance
     if not 0 <= guidance <= 100:
-        raise InvalidRequest("cfg_scale must be between 0 and 100", param="cfg_scale")
+        param = "cfg_scale" if request.cfg_scale is not None else "guidance_scale"
+        raise InvalidRequest(f"{param} must be between 0 and 100", param=param)
     size = resolve_size(
         SizeRequest(request.size, request.aspect_ratio, request.resolution, request.megapixels),
         settings.max_pixels,
     )
     width, height = generation_size(*size)
     first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    extras = split_extras(request.model_extra or {}, profile.pipeline_parameters)
     job = Job(
         prompt=request.prompt,
         width=width,
@@ -133,6 +160,10 @@ def plan_generation(
         guidance_scale=guidance,
         partial_images=partial_images if stream else 0,
         preview_size=preview_size(size, settings.preview_max_side),
+        pipeline_kwargs=extras.pipeline_kwargs,
+        acceleration=request.acceleration or "none",
+        go_fast=bool(request.go_fast),
+        safety_check=safety_check(request, settings, profile),
     )
     return ImagePlan(
         job=job,
@@ -143,7 +174,49 @@ def plan_generation(
         quality=_first_given(request.output_quality, request.output_compression),
         stream=stream,
         partial_images=job.partial_images,
+        sync_mode=bool(request.sync_mode),
+        quality_name=quality_name,
+        ignored_parameters=extras.ignored,
     )
+
+
+def _steps(
+    request: ImageGenerationRequest, settings: Settings, profile: ModelProfile
+) -> tuple[str, int]:
+    """`num_inference_steps` wins; else `quality` picks a share of the model's default."""
+    name, share = QUALITY_STEPS[request.quality or "auto"]
+    if request.num_inference_steps is None:
+        return name, max(1, min(settings.max_steps, round(profile.default_steps * share)))
+    steps = _in_range(request.num_inference_steps, 0, 1, settings.max_steps, "num_inference_steps")
+    return name, steps
+
+
+def safety_check(
+    request: ImageGenerationRequest, settings: Settings, profile: ModelProfile
+) -> bool:
+    """Whether to check this request's images: the server's default unless the request says
+    otherwise, and a request may turn the check off only where the server allows it."""
+    asked = _first_given(
+        request.enable_safety_checker,
+        None if request.disable_safety_checker is None else not request.disable_safety_checker,
+    )
+    param = (
+        "enable_safety_checker"
+        if request.enable_safety_checker is not None
+        else "disable_safety_checker"
+    )
+    if asked is None:
+        return profile.safety_checker and settings.safety_checker_default
+    if asked and not profile.safety_checker:
+        raise InvalidRequest(
+            "this server has no safety checker configured (see --safety-checker-model)",
+            param=param,
+        )
+    if not asked and profile.safety_checker and not settings.safety_checker_optional:
+        raise InvalidRequest(
+            "this server does not allow turning the safety checker off", param=param
+        )
+    return asked
 
 
 def preview_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -16,19 +16,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.jobs import (
+    ContentFiltered,
     EngineClosed,
     EngineError,
     ImageEngine,
     JobCancelled,
     JobFailed,
     JobHandle,
+    JobRejected,
     Preview,
     QueueFull,
     Result,
 )
 from stream import sse
-from stream.errors import RateLimited, ServerError, ServiceUnavailable
-from stream.images import encode_async, fit_exact, to_b64
+from stream.errors import (
+    APIError,
+    InvalidRequest,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+)
+from stream.images import MEDIA_TYPES, encode_async, fit_exact, to_b64
 from stream.params import ImagePlan
 from stream.settings import Settings
 from stream.store import ResultStore
@@ -64,7 +72,7 @@ class ImageService:
         if plan.stream:
             frames = self._stream(handle, plan, kind, base_url)
             return sse.event_stream(frames, keepalive_s=self.settings.keepalive_s, headers={})
-        result = await _result_unless_disconnected(handle, request)
+        result = await _result_unless_disconnected(handle, request, plan)
         return JSONResponse(await self.result_body(result, plan, base_url))
 
     async def _stream(
@@ -80,6 +88,9 @@ class ImageService:
                     )
         except JobCancelled:
             yield sse.error_frame("the job was cancelled", code="cancelled")
+        except (ContentFiltered, JobRejected) as refused:
+            error = refusal(refused, plan)
+            yield sse.error_frame(error.message, code=error.code, type=error.type)
         except EngineError as error:
             yield sse.error_frame(str(error) or "image generation failed")
 
@@ -103,6 +114,7 @@ class ImageService:
             "type": f"{kind}.completed",
             **item,
             **self._common_fields(plan, plan.output_format),
+            **_applied(result, plan),
             "usage": _usage(plan),
         }
 
@@ -116,8 +128,9 @@ class ImageService:
             "model": plan.model,
             "size": plan.size_text,
             "output_format": plan.output_format,
-            "quality": "auto",
+            "quality": plan.quality_name,
             "background": "opaque",
+            **_applied(result, plan),
             "usage": _usage(plan),
         }
 
@@ -136,7 +149,9 @@ class ImageService:
             item: dict[str, Any] = {}
             if plan.response_format == "b64_json" or always_b64:
                 item["b64_json"] = to_b64(data)
-            if plan.response_format == "url":
+            if plan.response_format == "url" and plan.sync_mode:
+                item["url"] = f"data:{MEDIA_TYPES[plan.output_format]};base64,{to_b64(data)}"
+            elif plan.response_format == "url":
                 name = await self.store.put(data, plan.output_format)
                 if files is not None:
                     files.append(name)
@@ -150,10 +165,31 @@ class ImageService:
         return {
             "created_at": int(time.time()),
             "size": plan.size_text,
-            "quality": "auto",
+            "quality": plan.quality_name,
             "background": "opaque",
             "output_format": output_format,
         }
+
+
+def _applied(result: Result, plan: ImagePlan) -> dict[str, Any]:
+    """What the server did beyond OpenAI's fields: the speed-up that ran, images the safety
+    checker withheld, and request fields that were not used."""
+    applied: dict[str, Any] = {"acceleration": result.acceleration, "speedup": result.speedup}
+    if plan.job.safety_check:
+        applied["filtered_images"] = result.filtered
+    applied["ignored_parameters"] = list(plan.ignored_parameters)
+    return applied
+
+
+def refusal(error: ContentFiltered | JobRejected, plan: ImagePlan) -> APIError:
+    """The client-facing error for a job the model side refused (a 400, not a 500)."""
+    if isinstance(error, ContentFiltered):
+        return InvalidRequest(
+            "every generated image was flagged by the safety checker and withheld",
+            code="content_policy_violation",
+        )
+    names = sorted(plan.job.pipeline_kwargs)
+    return InvalidRequest(str(error), param=names[0] if len(names) == 1 else None)
 
 
 def _usage(plan: ImagePlan) -> dict[str, Any]:
@@ -168,7 +204,9 @@ def _usage(plan: ImagePlan) -> dict[str, Any]:
     }
 
 
-async def _result_unless_disconnected(handle: JobHandle, request: Request) -> Result:
+async def _result_unless_disconnected(
+    handle: JobHandle, request: Request, plan: ImagePlan
+) -> Result:
     """Wait for the job's result; if the client hangs up first, cancel the job."""
     result: Result | None = None
     error: EngineError | None = None
@@ -196,6 +234,8 @@ async def _result_unless_disconnected(handle: JobHandle, request: Request) -> Re
 
     if result is not None:
         return result
+    if isinstance(error, ContentFiltered | JobRejected):
+        raise refusal(error, plan)
     if isinstance(error, JobFailed):
         raise ServerError(str(error))
     raise ServiceUnavailable("the job was cancelled before it finished", code="cancelled")

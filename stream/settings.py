@@ -73,6 +73,23 @@ class Settings(BaseSettings):
         3, ge=0, description="most previews per request (OpenAI allows 3; more is an extension)"
     )
     preview_max_side: int = Field(512, ge=16, description="long side of preview images")
+    safety_checker_model: Path | None = Field(
+        None,
+        description="local image-classification model folder (transformers) that checks "
+        "every output; none: no checker",
+    )
+    safety_checker_labels: tuple[str, ...] = Field(
+        ("nsfw",), description="labels of that model that flag an image"
+    )
+    safety_checker_threshold: float = Field(
+        0.5, ge=0, le=1, description="probability of a flagged label at which an image is withheld"
+    )
+    safety_checker_default: bool = Field(
+        True, description="check images when the request does not say (if a checker is loaded)"
+    )
+    safety_checker_optional: bool = Field(
+        True, description="whether a request may turn the safety checker off"
+    )
     keepalive_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
     sweep_interval_s: float = Field(
         60.0, gt=0, description="seconds between sweeps of expired files and jobs"

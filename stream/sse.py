@@ -46,11 +46,13 @@ def job_frame(event_id: int, name: str, payload: dict[str, Any]) -> ServerSentEv
     )
 
 
-def error_frame(message: str, code: str | None = None) -> ServerSentEvent:
+def error_frame(
+    message: str, code: str | None = None, type: str = "server_error"
+) -> ServerSentEvent:
     return event_frame(
         {
             "type": "error",
-            "error": {"message": message, "type": "server_error", "param": None, "code": code},
+            "error": {"message": message, "type": type, "param": None, "code": code},
         }
     )
 

@@ -21,7 +21,25 @@ from pipeline.jobs import (
     Result,
 )
 
-PROFILE = ModelProfile(model_id="fake", default_steps=4, default_guidance=3.5)
+# A few keywords of FluxPipeline.__call__, safe and unsafe, for pass-through tests.
+PROFILE = ModelProfile(
+    model_id="fake",
+    default_steps=4,
+    default_guidance=3.5,
+    pipeline_parameters=frozenset(
+        {
+            "prompt",
+            "negative_prompt",
+            "true_cfg_scale",
+            "max_sequence_length",
+            "latents",
+            "generator",
+            "output_type",
+            "callback_on_step_end",
+            "prompt_embeds",
+        }
+    ),
+)
 
 
 def solid(size: tuple[int, int], value: int) -> Image.Image:
@@ -82,10 +100,7 @@ class FakeEngine:
     jobs: list[Job] = field(default_factory=list)
     handles: list[FakeHandle] = field(default_factory=list)
     closed: bool = False
-
-    @property
-    def profile(self) -> ModelProfile:
-        return PROFILE
+    profile: ModelProfile = PROFILE
 
     @property
     def status(self) -> EngineStatus:

@@ -30,3 +30,24 @@ def test_missing_model_fails_start_up_with_one_clear_line(tmp_path: object) -> N
     assert len(lines) == 1, done.stderr
     assert "could not load model '/nonexistent/flux'" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_missing_safety_checker_model_fails_start_up_with_one_clear_line(tmp_path: object) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream",
+            "--safety-checker-model",
+            "/nonexistent/checker",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "could not load the safety checker from /nonexistent/checker" in lines[0]
