@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.jobs import JobFailed
+from pipeline.jobs import ContentFiltered, JobFailed
 from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import FakeEngine
@@ -174,6 +174,15 @@ def test_failed_job_reports_failed_with_a_readable_message(
     assert [event.name for event in events] == ["queued", "failed"]
     assert events[-1].data["error"]["message"] == "the image could not be generated"
     assert wait_for(fake_server, job["id"], "failed")["result"] is None
+
+
+def test_job_whose_images_are_all_flagged_fails_with_content_policy_violation(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    fake_engine.script = [ContentFiltered("every image was flagged")]
+    job = submit(fake_server)
+    failed = wait_for(fake_server, job["id"], "failed")
+    assert failed["error"]["code"] == "content_policy_violation"
 
 
 def test_job_makes_the_partial_images_it_asks_for_without_stream(
