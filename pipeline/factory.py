@@ -48,8 +48,14 @@ def create_flux_engine(
     max_queued: int,
     warmup: bool = True,
     safety: SafetySpec | None = None,
+    max_queue_wait_s: float | None = None,
+    max_run_s: float | None = None,
 ) -> ThreadedEngine:
     runner = create_flux_runner(spec, safety)
     return ThreadedEngine(
-        runner, max_queued=max_queued, warmup=warmup_job(runner.profile) if warmup else None
+        runner,
+        max_queued=max_queued,
+        warmup=warmup_job(runner.profile) if warmup else None,
+        max_queue_wait_s=max_queue_wait_s,
+        max_run_s=max_run_s,
     )

@@ -42,6 +42,21 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The job waits behind `position - 1` others (1 = next); sent on submit and on change."""
+
+    position: int
+    estimated_wait_s: float
+
+
+@dataclass(frozen=True)
+class Started:
+    """The worker took the job after it waited `queue_wait_s` seconds in the queue."""
+
+    queue_wait_s: float
+
+
+@dataclass(frozen=True)
 class Progress:
     """A denoising step finished (1-based `step` of `total_steps`)."""
 
@@ -75,7 +90,7 @@ class Result:
     filtered: int = 0
 
 
-Event = Progress | Preview | Result
+Event = Queued | Started | Progress | Preview | Result
 
 
 class EngineError(Exception):
@@ -111,6 +126,14 @@ class JobRejected(EngineError):
     passed-through keyword out of its range); the message is safe to show users."""
 
 
+class QueueTimeout(EngineError):
+    """The job waited in the queue longer than the server allows, and never ran."""
+
+
+class JobTimedOut(EngineError):
+    """The job ran longer than the server allows and was stopped at a step boundary."""
+
+
 class JobHandle(Protocol):
     def events(self) -> AsyncIterator[Event]:
         """Events of this job, ending with a `Result` or raising an `EngineError`."""
@@ -119,6 +142,14 @@ class JobHandle(Protocol):
     def cancel(self) -> None:
         """Stop the job: a queued job never runs, a running one stops at its next step."""
         ...
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """How busy the engine is right now, for metrics."""
+
+    queued: int
+    running: int
 
 
 @dataclass(frozen=True)
@@ -133,7 +164,7 @@ class ModelProfile:
     safety_checker: bool = False
 
 
-EngineStatus = Literal["warming", "ok", "failed", "closed"]
+EngineStatus = Literal["warming", "ok", "failed", "draining", "closed"]
 
 
 class ImageEngine(Protocol):
@@ -142,13 +173,17 @@ class ImageEngine(Protocol):
 
     @property
     def status(self) -> EngineStatus:
-        """`warming` until the start-up generation is done, then `ok`."""
+        """`warming` until the start-up generation is done, then `ok`; `draining` from the
+        start of a graceful shutdown (no new jobs), `closed` once it is done."""
         ...
 
     def submit(self, job: Job) -> JobHandle:
         """Queue a job; raises `QueueFull` or `EngineClosed` instead of blocking."""
         ...
 
-    async def aclose(self) -> None:
-        """Stop taking jobs, cancel what is queued and wait for the worker to stop."""
+    def load(self) -> EngineLoad: ...
+
+    async def aclose(self, grace_s: float = 0.0) -> None:
+        """Stop taking jobs at once; give accepted jobs `grace_s` seconds to finish, then
+        fail what is left with `EngineClosed` and wait for the worker to stop."""
         ...

@@ -7,11 +7,13 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -20,10 +22,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.jobs import ImageEngine
 from stream import sse
-from stream.errors import APIError, InvalidRequest, NotFound, ServerError, error_body
+from stream.auth import ApiKeyMiddleware, load_api_keys
+from stream.errors import (
+    APIError,
+    InvalidRequest,
+    NotFound,
+    ServerError,
+    error_body,
+    error_response,
+)
 from stream.job_service import JobService
 from stream.jobs import JobStore, MemoryJobStore
-from stream.params import parse_generation_request, plan_generation
+from stream.limits import BodyLimitMiddleware
+from stream.metrics import Metrics, MetricsMiddleware
+from stream.openapi import Operation, openapi_document
+from stream.params import ImageGenerationRequest, parse_generation_request, plan_generation
 from stream.serving import ImageService
 from stream.settings import Settings
 from stream.store import DiskResultStore, ResultStore
@@ -31,6 +44,7 @@ from stream.webhooks import check_webhook_url
 
 logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+VERSION = version("fluxstream")
 
 
 async def read_json(request: Request) -> object:
@@ -64,7 +78,8 @@ def create_app(
     job_store: JobStore | None = None,
 ) -> Starlette:
     store = store or DiskResultStore(settings.data_dir, settings.url_ttl_s)
-    service = ImageService(settings, engine, store)
+    metrics = Metrics(engine.load)
+    service = ImageService(settings, engine, store, metrics)
     jobs = JobService(
         service,
         job_store
@@ -131,6 +146,27 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
+    operations = [
+        Operation(
+            "POST",
+            "/v1/images/generations",
+            "text to image; `stream: true` answers text/event-stream",
+            body=ImageGenerationRequest,
+            streams=True,
+        ),
+        Operation(
+            "POST",
+            "/v1/images/jobs",
+            "the generations body (plus webhook_url) as a job; 202 at once",
+            body=ImageGenerationRequest,
+        ),
+        Operation("GET", "/v1/models", "the served model id and its aliases"),
+        Operation("GET", "/health", "readiness; 503 while warming up or draining"),
+    ]
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(operations, title="fluxstream", version=VERSION))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as group:
@@ -152,6 +188,8 @@ def create_app(
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
@@ -160,7 +198,20 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash},
     )
+    # Added innermost first: CORS sees every answer, the request id is on every answer
+    # (401 and 413 included), and the metrics count them.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Last-Event-ID"],
+            expose_headers=["x-request-id", "retry-after", "retry-after-ms"],
+        )
     return app
 
 
@@ -173,10 +224,6 @@ async def _sweep_forever(store: ResultStore, jobs: JobService, interval_s: float
         await anyio.to_thread.run_sync(store.sweep)
         await jobs.sweep()
         await anyio.sleep(interval_s)
-
-
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

@@ -13,7 +13,12 @@ import sys
 import uvicorn
 
 from stream.app import create_app
+from stream.auth import load_api_keys
 from stream.settings import Settings
+from stream.shutdown import DrainingServer
+
+# After the drain, streams have ended; this only bounds a connection that will not close.
+SHUTDOWN_TIMEOUT_S = 10
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:
@@ -27,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     # transformers announces at import time that torchvision is missing; it is not needed.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        load_api_keys(settings)
+    except OSError as error:
+        print(
+            f"fluxstream: cannot read the API keys file {settings.api_keys_file}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
     from pipeline.safety import SafetyCheckerLoadError, SafetySpec
@@ -57,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         engine = create_flux_engine(
-            spec, max_queued=settings.max_queued, warmup=settings.warmup, safety=safety
+            spec,
+            max_queued=settings.max_queued,
+            warmup=settings.warmup,
+            safety=safety,
+            max_queue_wait_s=settings.max_queue_wait_s,
+            max_run_s=settings.max_run_s,
         )
     except (ModelLoadError, SafetyCheckerLoadError) as error:
         print(f"fluxstream: {error}", file=sys.stderr)
@@ -68,5 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         f"at http://{settings.host}:{settings.port}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+    )
+    DrainingServer(config, drain=lambda: engine.aclose(settings.shutdown_grace_s)).run()
     return 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 
 class APIError(Exception):
     status = 500
@@ -38,6 +40,10 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def error_body(

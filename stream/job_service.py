@@ -46,6 +46,7 @@ from stream.errors import NotFound, ServiceUnavailable, error_body
 from stream.jobs import JobRecord, JobStore
 from stream.params import ImagePlan
 from stream.serving import ImageService, refusal
+from stream.watch import JobWatch
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,9 @@ class JobService:
         self, job_id: str, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
     ) -> None:
         append = self.store.append
+        events = JobWatch(self.images.metrics, job_id, plan).events(handle)
         try:
-            async for event in handle.events():
+            async for event in events:
                 if isinstance(event, Progress):
                     append(
                         job_id, "progress", {"step": event.step, "total_steps": event.total_steps}

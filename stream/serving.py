@@ -19,12 +19,13 @@ from pipeline.jobs import (
     ContentFiltered,
     EngineClosed,
     EngineError,
+    Event,
     ImageEngine,
-    JobCancelled,
     JobFailed,
     JobHandle,
     JobRejected,
     Preview,
+    Queued,
     QueueFull,
     Result,
 )
@@ -37,18 +38,23 @@ from stream.errors import (
     ServiceUnavailable,
 )
 from stream.images import MEDIA_TYPES, encode_async, fit_exact, to_b64
+from stream.metrics import Metrics
 from stream.params import ImagePlan
 from stream.settings import Settings
 from stream.store import ResultStore
+from stream.watch import OUTCOMES, JobWatch
 
 LOSSY_FORMATS = ("jpeg", "webp", "avif")
 
 
 class ImageService:
-    def __init__(self, settings: Settings, engine: ImageEngine, store: ResultStore) -> None:
+    def __init__(
+        self, settings: Settings, engine: ImageEngine, store: ResultStore, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.metrics = metrics
 
     def submit(self, plan: ImagePlan) -> JobHandle:
         """Queue the job, or answer 429/503 before any byte of the response is sent."""
@@ -59,7 +65,7 @@ class ImageService:
                 "the server is busy; retry shortly", retry_after_s=full.retry_after_s
             ) from None
         except EngineClosed:
-            raise ServiceUnavailable("the server is shutting down") from None
+            raise ServiceUnavailable("the server is shutting down", code="shutdown") from None
 
     def base_url(self, request: Request) -> str:
         """Where url results are served from, as clients reach this server."""
@@ -68,31 +74,38 @@ class ImageService:
     async def respond(self, request: Request, plan: ImagePlan, kind: str) -> Response:
         """`kind` is the event prefix: `image_generation` or `image_edit`."""
         handle = self.submit(plan)
+        events = JobWatch(self.metrics, request.state.request_id, plan).events(handle)
         base_url = self.base_url(request)
         if plan.stream:
-            frames = self._stream(handle, plan, kind, base_url)
+            frames = self._stream(events, plan, kind, base_url)
             return sse.event_stream(frames, keepalive_s=self.settings.keepalive_s, headers={})
-        result = await _result_unless_disconnected(handle, request, plan)
+        result = await _result_unless_disconnected(events, handle, request, plan)
         return JSONResponse(await self.result_body(result, plan, base_url))
 
     async def _stream(
-        self, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
+        self, events: AsyncIterator[Event], plan: ImagePlan, kind: str, base_url: str
     ) -> AsyncIterator[ServerSentEvent]:
+        """While queued, `: queued position=N` comments; then the OpenAI frames."""
         try:
-            async for event in handle.events():
-                if isinstance(event, Preview):
+            async for event in events:
+                if isinstance(event, Queued):
+                    yield sse.comment(
+                        f"queued position={event.position} "
+                        f"estimated_wait_s={round(event.estimated_wait_s)}"
+                    )
+                elif isinstance(event, Preview):
                     yield sse.event_frame(await self.partial_payload(event, plan, kind))
                 elif isinstance(event, Result):
                     yield sse.event_frame(
                         await self._completed_payload(event, plan, kind, base_url)
                     )
-        except JobCancelled:
-            yield sse.error_frame("the job was cancelled", code="cancelled")
         except (ContentFiltered, JobRejected) as refused:
             error = refusal(refused, plan)
             yield sse.error_frame(error.message, code=error.code, type=error.type)
         except EngineError as error:
-            yield sse.error_frame(str(error) or "image generation failed")
+            yield sse.error_frame(
+                str(error) or "image generation failed", code=OUTCOMES.get(type(error))
+            )
 
     async def partial_payload(self, preview: Preview, plan: ImagePlan, kind: str) -> dict[str, Any]:
         preview_format = plan.output_format if plan.output_format in LOSSY_FORMATS else "jpeg"
@@ -205,7 +218,7 @@ def _usage(plan: ImagePlan) -> dict[str, Any]:
 
 
 async def _result_unless_disconnected(
-    handle: JobHandle, request: Request, plan: ImagePlan
+    events: AsyncIterator[Event], handle: JobHandle, request: Request, plan: ImagePlan
 ) -> Result:
     """Wait for the job's result; if the client hangs up first, cancel the job."""
     result: Result | None = None
@@ -216,7 +229,7 @@ async def _result_unless_disconnected(
         async def consume() -> None:
             nonlocal result, error
             try:
-                async for event in handle.events():
+                async for event in events:
                     if isinstance(event, Result):
                         result = event
             except EngineError as failure:
@@ -234,8 +247,15 @@ async def _result_unless_disconnected(
 
     if result is not None:
         return result
+    raise _plain_error(error, plan)
+
+
+def _plain_error(error: EngineError | None, plan: ImagePlan) -> APIError:
+    """The HTTP answer for a job that ended without a result (no byte was sent yet)."""
     if isinstance(error, ContentFiltered | JobRejected):
-        raise refusal(error, plan)
+        return refusal(error, plan)
     if isinstance(error, JobFailed):
-        raise ServerError(str(error))
-    raise ServiceUnavailable("the job was cancelled before it finished", code="cancelled")
+        return ServerError(str(error))
+    if error is None:
+        return ServiceUnavailable("the job was cancelled before it finished", code="cancelled")
+    return ServiceUnavailable(str(error), code=OUTCOMES.get(type(error)))

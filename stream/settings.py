@@ -109,6 +109,27 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(
         1.0, ge=0, description="wait before the second attempt; doubles after each"
     )
+    max_queue_wait_s: float | None = Field(
+        600.0, gt=0, description="queued longer than this: 503 (or an error event); null: no limit"
+    )
+    max_run_s: float | None = Field(
+        None, gt=0, description="a job running longer than this is stopped; null: no limit"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long accepted jobs may still run"
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="largest request body, counted as it arrives"
+    )
+    api_keys: tuple[str, ...] = Field(
+        (), description="keys accepted as 'Authorization: Bearer <key>' on /v1/*; none: open"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one per line (# starts a comment)"
+    )
+    cors_allow_origins: tuple[str, ...] = Field(
+        (), description="origins allowed to call the API from a browser; none: CORS off"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @property

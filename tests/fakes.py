@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from pipeline.engine import Emit, StopRequested
 from pipeline.jobs import (
     EngineError,
+    EngineLoad,
     EngineStatus,
     Event,
     Job,
+    JobCancelled,
     ModelProfile,
     Preview,
     Progress,
@@ -106,6 +110,9 @@ class FakeEngine:
     def status(self) -> EngineStatus:
         return "closed" if self.closed else "ok"
 
+    def load(self) -> EngineLoad:
+        return EngineLoad(queued=0, running=0)
+
     def submit(self, job: Job) -> FakeHandle:
         if self.full:
             raise QueueFull(retry_after_s=7.2)
@@ -118,5 +125,37 @@ class FakeEngine:
         self.handles.append(handle)
         return handle
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace_s: float = 0.0) -> None:
         self.closed = True
+
+
+class StepRunner:
+    """A model-free `Runner` for the real `ThreadedEngine`: one Progress per step, a
+    preview at the first steps, then solid images. Each step waits for `release` when it
+    is given (so a test can hold a job running) and then for `step_delay_s`."""
+
+    profile = PROFILE
+
+    def __init__(
+        self, release: threading.Event | None = None, fail: bool = False, step_delay_s: float = 0
+    ) -> None:
+        self.release = release
+        self.fail = fail
+        self.step_delay_s = step_delay_s
+        self.steps_run = 0
+
+    def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
+        if self.fail:
+            raise RuntimeError("/secret/path exploded")
+        for step in range(1, job.num_inference_steps + 1):
+            if self.release is not None:
+                self.release.wait(timeout=10)
+            time.sleep(self.step_delay_s)
+            if stop_requested():
+                raise JobCancelled("cancelled")
+            self.steps_run += 1
+            emit(Progress(step, job.num_inference_steps))
+            if step <= job.partial_images:
+                emit(Preview(step - 1, step, job.num_inference_steps, solid(job.preview_size, 9)))
+        images = tuple(solid((job.width, job.height), seed % 256) for seed in job.seeds)
+        return Result(images=images, seeds=job.seeds)

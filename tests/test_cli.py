@@ -51,3 +51,17 @@ def test_missing_safety_checker_model_fails_start_up_with_one_clear_line(tmp_pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "could not load the safety checker from /nonexistent/checker" in lines[0]
+
+
+def test_unreadable_api_keys_file_fails_start_up_with_one_clear_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "--api-keys-file", "/nonexistent/keys.txt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line == (
+        "fluxstream: cannot read the API keys file /nonexistent/keys.txt: No such file or directory"
+    )

@@ -5,54 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 
 import pytest
 
-from pipeline.engine import Emit, StopRequested, ThreadedEngine
+from pipeline.engine import ThreadedEngine
 from pipeline.jobs import (
     EngineClosed,
     Job,
     JobCancelled,
     JobFailed,
+    JobTimedOut,
     Progress,
+    Queued,
     QueueFull,
+    QueueTimeout,
     Result,
+    Started,
 )
-from tests.fakes import PROFILE
+from tests.fakes import StepRunner
 
 
 def job(steps: int = 3) -> Job:
     return Job(
         prompt="x", width=16, height=16, seeds=(1,), num_inference_steps=steps, guidance_scale=1.0
     )
-
-
-class StepRunner:
-    """Emits one Progress per step; each step waits for `release` when it is given."""
-
-    profile = PROFILE
-
-    def __init__(
-        self, release: threading.Event | None = None, fail: bool = False, step_delay_s: float = 0
-    ) -> None:
-        self.release = release
-        self.fail = fail
-        self.step_delay_s = step_delay_s
-        self.steps_run = 0
-
-    def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
-        if self.fail:
-            raise RuntimeError("/secret/path exploded")
-        for step in range(1, job.num_inference_steps + 1):
-            if self.release is not None:
-                self.release.wait(timeout=10)
-            time.sleep(self.step_delay_s)
-            if stop_requested():
-                raise JobCancelled("cancelled")
-            self.steps_run += 1
-            emit(Progress(step, job.num_inference_steps))
-        return Result(images=(), seeds=job.seeds)
 
 
 async def collect(engine: ThreadedEngine, the_job: Job) -> list[object]:
@@ -62,7 +38,8 @@ async def collect(engine: ThreadedEngine, the_job: Job) -> list[object]:
 async def test_events_arrive_in_order_and_end_with_the_result() -> None:
     engine = ThreadedEngine(StepRunner(), max_queued=2)
     events = await collect(engine, job(3))
-    assert events[:3] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
+    assert events[:2] == [Queued(position=1, estimated_wait_s=5.0), Started(events[1].queue_wait_s)]
+    assert events[2:5] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
     assert isinstance(events[-1], Result)
     await engine.aclose()
 
@@ -157,3 +134,66 @@ async def test_failed_warm_up_is_reported_as_failed_status() -> None:
         await asyncio.sleep(0.01)
     assert engine.status == "failed"
     await engine.aclose()
+
+
+async def test_queued_jobs_hear_their_position_move_up_as_the_queue_shrinks() -> None:
+    release = threading.Event()
+    engine = ThreadedEngine(StepRunner(release), max_queued=3)
+    engine.submit(job())
+    await asyncio.sleep(0.05)
+    second, third = engine.submit(job()), engine.submit(job())
+    second.cancel()
+    positions = []
+    async for event in third.events():
+        if isinstance(event, Queued):
+            positions.append(event.position)
+            if event.position == 1:
+                break
+    assert positions == [2, 1]
+    release.set()
+    await engine.aclose()
+
+
+async def test_a_job_that_waits_too_long_in_the_queue_fails_and_frees_its_place() -> None:
+    release = threading.Event()
+    engine = ThreadedEngine(StepRunner(release), max_queued=1, max_queue_wait_s=0.05)
+    engine.submit(job())
+    await asyncio.sleep(0.05)
+    waiting = engine.submit(job())
+    with pytest.raises(QueueTimeout):
+        [event async for event in waiting.events()]
+    assert engine.load().queued == 0
+    release.set()
+    await engine.aclose()
+
+
+async def test_a_job_that_runs_too_long_is_stopped_with_a_timeout() -> None:
+    runner = StepRunner(step_delay_s=0.01)
+    engine = ThreadedEngine(runner, max_queued=1, max_run_s=0.05)
+    with pytest.raises(JobTimedOut):
+        await collect(engine, job(steps=1000))
+    assert runner.steps_run < 1000
+    assert isinstance((await collect(engine, job(1)))[-1], Result)
+    await engine.aclose()
+
+
+async def test_close_with_grace_lets_accepted_jobs_finish_and_refuses_new_ones() -> None:
+    engine = ThreadedEngine(StepRunner(step_delay_s=0.01), max_queued=2)
+    running, queued = engine.submit(job(5)), engine.submit(job(5))
+    closing = asyncio.create_task(engine.aclose(grace_s=30))
+    await asyncio.sleep(0)
+    with pytest.raises(EngineClosed):
+        engine.submit(job())
+    assert engine.status == "draining"
+    assert isinstance([e async for e in running.events()][-1], Result)
+    assert isinstance([e async for e in queued.events()][-1], Result)
+    await closing
+
+
+async def test_close_after_the_grace_stops_the_running_job_with_engine_closed() -> None:
+    engine = ThreadedEngine(StepRunner(step_delay_s=0.01), max_queued=1)
+    running = engine.submit(job(1000))
+    await asyncio.sleep(0.05)
+    await engine.aclose(grace_s=0.05)
+    with pytest.raises(EngineClosed):
+        [event async for event in running.events()]

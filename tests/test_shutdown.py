@@ -1,0 +1,98 @@
+"""Graceful shutdown of a real `python -m stream` process receiving SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+STREAM = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 100}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def health(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+@contextmanager
+def server_process(
+    model_cache: Path, data_dir: Path, grace_s: float
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "stream", "--port", str(port), "--cache-dir", str(model_cache),
+        "--data-dir", str(data_dir), "--shutdown-grace-s", str(grace_s),
+        "--max-steps", "10000", "--max-partial-images", "100", "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: health(url) == 200, "the server to start")
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def data_lines(lines: Iterator[str]) -> Iterator[dict[str, object]]:
+    for line in lines:
+        if line.startswith("data: "):
+            yield json.loads(line.removeprefix("data: "))
+
+
+def test_sigterm_drains_then_stops_what_outlasts_the_grace_period_and_exits(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """A short running job finishes; a long one queued behind it starts, is stopped when the
+    grace period ends, and its stream gets an `error` frame; new work is refused meanwhile."""
+    data_dir = tmp_path / "images"
+    generations = "/v1/images/generations"
+    with server_process(model_cache, data_dir, grace_s=10) as (process, url):
+        short = {**STREAM, "num_inference_steps": 100}
+        long = {**STREAM, "num_inference_steps": 10000}
+        with (
+            httpx.stream("POST", f"{url}{generations}", json=short, timeout=60) as first,
+            httpx.stream("POST", f"{url}{generations}", json=long, timeout=60) as second,
+        ):
+            first_events = data_lines(first.iter_lines())
+            assert next(first_events)["type"] == "image_generation.partial_image"
+            second_lines = second.iter_lines()
+            assert next(second_lines).startswith(": queued position=1")
+            process.send_signal(signal.SIGTERM)
+            wait_for(lambda: health(url) == 503, "health to report draining")
+            refused = httpx.post(f"{url}{generations}", json={"prompt": "x"})
+            first_types = [event["type"] for event in first_events]
+            second_last = list(data_lines(second_lines))[-1]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutdown"
+    assert first_types[-1] == "image_generation.completed"
+    assert "error" not in first_types
+    assert second_last["type"] == "error"
+    assert second_last["error"]["code"] == "shutdown"  # type: ignore[index]
+    assert not [path for path in data_dir.iterdir() if path.name.startswith(".partial")]
