@@ -1,28 +1,55 @@
-"""Compose the model side: load the pipeline, fit its preview decoder, start the engine."""
+"""Compose the model side: load the pipeline, prepare its preview decoders, start the engine."""
 
 from __future__ import annotations
+
+import dataclasses
+
+from diffusers import FluxPipeline
 
 from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import Job, ModelProfile
-from pipeline.loading import EMBEDDED, ModelSpec, model_profile, prepare_pipeline, resolve_device
-from pipeline.previews import fit_linear_decoder
+from pipeline.loading import (
+    EMBEDDED,
+    ModelSpec,
+    load_tiny_vae,
+    model_profile,
+    prepare_pipeline,
+    resolve_device,
+)
+from pipeline.preview_cache import cached_linear_decoder
+from pipeline.previews import AutoencoderPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
 from pipeline.safety import ClassifierSafetyChecker, SafetySpec
 
 
+def preview_decoders(pipe: FluxPipeline, spec: ModelSpec) -> dict[str, PreviewDecoder]:
+    """`linear` (fitted once per VAE, cached), `vae`, and `tiny` when its folder is given."""
+    decoders: dict[str, PreviewDecoder] = {
+        "linear": cached_linear_decoder(pipe.vae, spec.cache_dir),
+        "vae": AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor),
+    }
+    if spec.tiny_vae is not None:
+        tiny = load_tiny_vae(spec.tiny_vae, pipe)
+        decoders["tiny"] = AutoencoderPreviewDecoder(tiny, pipe.vae_scale_factor)
+    return decoders
+
+
 def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> FluxRunner:
-    """Load `spec` (and the safety model, if any) and fit its preview decoder; raises
+    """Load `spec` (and the safety model, if any) and its preview decoders; raises
     `ModelLoadError` or `SafetyCheckerLoadError` with a clear line. The small safety model
     loads first, so that a wrong path fails in a second, not after the big model."""
     checker = (
         ClassifierSafetyChecker(safety, resolve_device(spec.device)) if safety is not None else None
     )
     pipe, applied = prepare_pipeline(spec)
+    decoders = preview_decoders(pipe, spec)
     runner = FluxRunner(
         pipe,
-        model_profile(spec.model, pipe, applied),
-        fit_linear_decoder(pipe.vae),
+        dataclasses.replace(
+            model_profile(spec.model, pipe, applied), preview_decoders=tuple(decoders)
+        ),
+        decoders,
         thresholds=EMBEDDED_THRESHOLDS if spec.model == EMBEDDED else FLUX_THRESHOLDS,
     )
     return runner if checker is None else runner.with_safety_checker(checker)

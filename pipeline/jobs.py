@@ -31,6 +31,7 @@ class Job:
     guidance_scale: float
     partial_images: int = 0
     preview_size: tuple[int, int] = (512, 512)
+    preview_decoder: str = "linear"
     pipeline_kwargs: Mapping[str, object] = field(default_factory=dict)
     acceleration: Acceleration = "none"
     go_fast: bool = False
@@ -162,6 +163,7 @@ class ModelProfile:
     pipeline_parameters: frozenset[str] = frozenset()
     speedups: tuple[str, ...] = ()
     safety_checker: bool = False
+    preview_decoders: tuple[str, ...] = ("linear", "vae")
 
 
 EngineStatus = Literal["warming", "ok", "failed", "draining", "closed"]

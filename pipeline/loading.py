@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import AutoencoderTiny, FluxPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -39,6 +39,7 @@ class ModelSpec:
     cache_dir: Path = Path.home() / ".cache" / "fluxstream"
     offload: Literal["none", "model", "sequential"] = "none"
     speedups: Speedups = field(default_factory=Speedups)
+    tiny_vae: Path | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,3 +154,20 @@ def _check_fits(pipe: FluxPipeline, device: torch.device) -> None:
             f"the model needs about {needed / 2**30:.1f} GiB of weights plus working memory, "
             f"but {device} has {free / 2**30:.1f} GiB free; try --offload model"
         )
+
+
+def load_tiny_vae(folder: Path, pipe: FluxPipeline) -> AutoencoderTiny:
+    """A TAEF1-style `AutoencoderTiny` from a local diffusers folder, beside `pipe`'s VAE."""
+    try:
+        tiny = AutoencoderTiny.from_pretrained(folder, dtype=pipe.vae.dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the tiny preview VAE from {folder}: give a local diffusers "
+            f"AutoencoderTiny folder such as TAEF1 ({type(error).__name__})"
+        ) from error
+    if tiny.config.latent_channels != pipe.vae.config.latent_channels:
+        raise ModelLoadError(
+            f"the tiny preview VAE in {folder} has {tiny.config.latent_channels} latent "
+            f"channels; the model has {pipe.vae.config.latent_channels}"
+        )
+    return tiny.to(pipe.vae.device)

@@ -1,9 +1,13 @@
 """Latents to small RGB previews, cheaply enough to run inside the denoising loop.
 
 The default decoder is a linear map from FLUX's 16 latent channels to RGB (3x16 + bias),
-fitted once per model by least squares against the model's own VAE. Previews show the
-predicted clean image x0 = x_t - sigma_t * v_t (flow matching), not the noisy latent, so
-the first preview already looks like the picture that is forming.
+fitted once per model by least squares against the model's own VAE. The quality option
+decodes with an autoencoder (the model's own VAE, or a tiny TAEF1-style one) at preview
+size. Previews show the predicted clean image x0 = x_t - sigma_t * v_t (flow matching),
+not the noisy latent, so the first preview already looks like the picture that is forming.
+
+Decoders return a PIL image at preview size and nothing more: encoding and sending happen
+on the HTTP side, so the denoising thread never waits for them.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from math import ceil
+from typing import Protocol
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
 
@@ -24,6 +30,19 @@ def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
     return tuple(round((j + 1) * total_steps / (count + 1)) for j in range(count))
 
 
+class PreviewDecoder(Protocol):
+    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        """Map one unpacked pipeline-space latent (16, h, w) to RGB of `size` (width, height)."""
+        ...
+
+
+def _to_image(rgb: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """(3, h, w) in [0, 1] on any device -> PIL image of `size`; only uint8 leaves the device."""
+    pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(pixels, mode="RGB")
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+
+
 @dataclass(frozen=True)
 class LinearPreviewDecoder:
     """RGB in [0, 1] = weight @ latent + bias, per latent pixel (pipeline-space latents)."""
@@ -31,12 +50,38 @@ class LinearPreviewDecoder:
     weight: torch.Tensor  # (3, 16)
     bias: torch.Tensor  # (3,)
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-        """Map one unpacked latent (16, h, w) to an RGB image of `size` (width, height)."""
-        latents = latents.detach().to(device="cpu", dtype=torch.float32)
-        rgb = torch.einsum("oc,chw->ohw", self.weight, latents) + self.bias[:, None, None]
-        pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(pixels, mode="RGB").resize(size, Image.Resampling.BILINEAR)
+        latents = latents.detach().float()
+        weight = self.weight.to(latents.device)
+        bias = self.bias.to(latents.device)
+        return _to_image(torch.einsum("oc,chw->ohw", weight, latents) + bias[:, None, None], size)
+
+
+@dataclass(frozen=True)
+class AutoencoderPreviewDecoder:
+    """An autoencoder's decode at preview size: the model's VAE, or a tiny TAEF1-style one.
+
+    With `reduce_latents` the latent is first area-downscaled to the preview's size over
+    `scale_factor` (pixels per latent pixel), so a 1024 px image previewed at 512 px costs
+    a quarter of a full decode; without it, the full decode is resized afterwards
+    (`bench/previews.py` measures both).
+    """
+
+    vae: AutoencoderKL | AutoencoderTiny
+    scale_factor: int
+    reduce_latents: bool = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        latents = latents.detach()[None].to(self.vae.device, self.vae.dtype)
+        reduced = (ceil(size[1] / self.scale_factor), ceil(size[0] / self.scale_factor))
+        if self.reduce_latents and reduced[0] * reduced[1] < latents[0, 0].numel():
+            latents = torch.nn.functional.interpolate(latents, size=reduced, mode="area")
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+        decoded = self.vae.decode(latents, return_dict=False)[0][0].float()
+        return _to_image((decoded + 1) / 2, size)
 
 
 def _synthetic_images(count: int, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -48,23 +93,50 @@ def _synthetic_images(count: int, side: int, generator: torch.Generator) -> torc
     return images.clamp(-1, 1)
 
 
+def _smooth_fields(
+    count: int, channels: int, side: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Smooth unit-variance random latents: the range the denoiser passes through."""
+    coarse = torch.randn(count, channels, 4, 4, generator=generator)
+    fields = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic")
+    return fields + 0.5 * torch.randn(count, channels, side, side, generator=generator)
+
+
+@torch.no_grad()
+def sample_latents(
+    vae: AutoencoderKL, count: int, side: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Pipeline-space latents (n, 16, side/8, side/8) to fit previews on, of two kinds.
+
+    Encodings of synthetic images are what finished pictures look like to a trained VAE;
+    smooth unit-variance fields are what the denoiser passes through. The second kind
+    matters when the encoder's range does not match the scaling factor, as in the
+    embedded model's random VAE, whose encodings are seven times smaller than the
+    pipeline's latents: a map fitted on them alone extrapolates wildly.
+    """
+    config = vae.config
+    images = _synthetic_images(count, side, generator).to(vae.device, vae.dtype)
+    encoded = vae.encode(images).latent_dist.mean.float().cpu()
+    encoded = (encoded - (config.shift_factor or 0.0)) * config.scaling_factor
+    fields = _smooth_fields(count, encoded.shape[1], encoded.shape[-1], generator)
+    return torch.cat([encoded, fields])
+
+
 @torch.no_grad()
 def fit_linear_decoder(
     vae: AutoencoderKL, samples: int = 8, side: int = 128
 ) -> LinearPreviewDecoder:
     """Fit the 16->3 map on pairs (latent pixel, VAE-decoded colour averaged over its patch)."""
-    device, dtype = vae.device, vae.dtype
-    scale = vae.config.scaling_factor
-    shift = vae.config.shift_factor or 0.0
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    images = _synthetic_images(samples, side, torch.Generator().manual_seed(0))
-    latents = vae.encode(images.to(device, dtype)).latent_dist.mean
-    decoded = vae.decode(latents, return_dict=False)[0].float().cpu()
+    config = vae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    latents = sample_latents(vae, samples, side, torch.Generator().manual_seed(0))
+    unscaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    decoded = vae.decode(unscaled.to(vae.device, vae.dtype), return_dict=False)[0].float().cpu()
     target = torch.nn.functional.avg_pool2d((decoded + 1) / 2, factor)  # (n, 3, h, w) in [0, 1]
-    source = ((latents.float().cpu() - shift) * scale).permute(0, 2, 3, 1).reshape(-1, 16)
+    source = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
     design = torch.cat([source, torch.ones(len(source), 1)], dim=1)
     solution = torch.linalg.lstsq(design, target.permute(0, 2, 3, 1).reshape(-1, 3)).solution
-    return LinearPreviewDecoder(weight=solution[:16].T.contiguous(), bias=solution[16].contiguous())
+    return LinearPreviewDecoder(weight=solution[:-1].T.contiguous(), bias=solution[-1].contiguous())
 
 
 @dataclass

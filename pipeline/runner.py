@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from pipeline.jobs import (
     Result,
 )
 from pipeline.previews import (
-    LinearPreviewDecoder,
+    PreviewDecoder,
     StepObservation,
     observe_scheduler_steps,
     preview_steps,
@@ -31,19 +32,22 @@ from pipeline.safety import SafetyChecker
 
 
 class FluxRunner:
-    """Owns the pipeline and its preview decoder; called only from the engine's worker."""
+    """Owns the pipeline and its preview decoders; called only from the engine's worker.
+
+    `decoders` maps the names a request may ask for (`Job.preview_decoder`) to decoders.
+    """
 
     def __init__(
         self,
         pipe: FluxPipeline,
         profile: ModelProfile,
-        decoder: LinearPreviewDecoder,
+        decoders: Mapping[str, PreviewDecoder],
         safety_checker: SafetyChecker | None = None,
         thresholds: Thresholds = FLUX_THRESHOLDS,
     ) -> None:
         self._pipe = pipe
         self._profile = profile
-        self._decoder = decoder
+        self._decoders = dict(decoders)
         self._safety_checker = safety_checker
         self._thresholds = thresholds
 
@@ -56,14 +60,18 @@ class FluxRunner:
         return self._pipe
 
     @property
+    def decoders(self) -> Mapping[str, PreviewDecoder]:
+        return self._decoders
+
+    @property
     def thresholds(self) -> Thresholds:
         """First-block-cache thresholds of this model, per `acceleration` level."""
         return self._thresholds
 
     def with_safety_checker(self, checker: SafetyChecker) -> FluxRunner:
-        """The same pipeline and decoder, checking outputs with `checker`."""
+        """The same pipeline and decoders, checking outputs with `checker`."""
         profile = dataclasses.replace(self._profile, safety_checker=True)
-        return FluxRunner(self._pipe, profile, self._decoder, checker, self._thresholds)
+        return FluxRunner(self._pipe, profile, self._decoders, checker, self._thresholds)
 
     def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
         pipe = self._pipe
@@ -150,4 +158,4 @@ class FluxRunner:
         latents = self._pipe._unpack_latents(
             clean, job.height, job.width, self._pipe.vae_scale_factor
         )
-        return self._decoder.decode(latents[0], job.preview_size)
+        return self._decoders[job.preview_decoder].decode(latents[0], job.preview_size)

@@ -27,6 +27,9 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
+    if settings.preview_decoder == "tiny" and settings.preview_tiny_vae is None:
+        print("fluxstream: --preview-decoder tiny needs --preview-tiny-vae", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize=settings.quantize,
             attention_backend=settings.attention_backend,
         ),
+        tiny_vae=settings.preview_tiny_vae,
     )
     safety = (
         SafetySpec(

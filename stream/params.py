@@ -61,6 +61,7 @@ class ImageGenerationRequest(BaseModel):
     output_quality: int | None = Field(None, ge=0, le=100, description="lossy quality")
     stream: bool | None = Field(None, description="stream partial images as SSE")
     partial_images: int | None = Field(None, description="previews to stream (0..3)")
+    preview: str | None = Field(None, description="preview decoder: linear, vae or tiny")
     sync_mode: bool | None = Field(None, description="url results as data: URIs, nothing stored")
     strength: float | None = Field(None, ge=0, le=1, description="edits only; no effect on T2I")
     acceleration: Acceleration | None = Field(None, description="none, regular or high")
@@ -164,6 +165,7 @@ def plan_generation(
         acceleration=request.acceleration or "none",
         go_fast=bool(request.go_fast),
         safety_check=safety_check(request, settings, profile),
+        preview_decoder=_preview_decoder(request.preview, settings, profile),
     )
     return ImagePlan(
         job=job,
@@ -223,6 +225,14 @@ def preview_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """The output's shape, scaled down so that its long side is at most `max_side`."""
     factor = min(1.0, max_side / max(size))
     return (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
+
+
+def _preview_decoder(preview: str | None, settings: Settings, profile: ModelProfile) -> str:
+    decoder = settings.preview_decoder if preview is None else preview
+    if decoder not in profile.preview_decoders:
+        choices = ", ".join(profile.preview_decoders)
+        raise InvalidRequest(f"preview must be one of {choices}; got {decoder!r}", param="preview")
+    return decoder
 
 
 def _check_model(model: str | None, settings: Settings) -> str:

@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(2048 * 2048, ge=1, description="pixel budget of one image")
     max_prompt_chars: int = Field(8000, ge=1, description="longest prompt accepted")
     max_partial_images: int = Field(
-        3, ge=0, description="most previews per request (OpenAI allows 3; more is an extension)"
+        3,
+        ge=0,
+        description="most previews per request (OpenAI allows 3; more, up to one per step, "
+        "is an extension)",
     )
     preview_max_side: int = Field(512, ge=16, description="long side of preview images")
     safety_checker_model: Path | None = Field(
@@ -89,6 +92,12 @@ class Settings(BaseSettings):
     )
     safety_checker_optional: bool = Field(
         True, description="whether a request may turn the safety checker off"
+    )
+    preview_decoder: Literal["linear", "vae", "tiny"] = Field(
+        "linear", description="previews of requests without a 'preview' field"
+    )
+    preview_tiny_vae: Path | None = Field(
+        None, description="local diffusers folder of a tiny VAE (TAEF1) for preview 'tiny'"
     )
     keepalive_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
     sweep_interval_s: float = Field(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
-from tests.conftest import sdk_client
+from stream.app import create_app
+from tests.conftest import make_settings, sdk_client
 from tests.fakes import FakeEngine
+from tests.servers import live_server
 
 
 def post(base_url: str, body: object) -> httpx.Response:
@@ -97,3 +101,43 @@ def test_health_is_503_until_the_engine_is_ready(fake_server: str, fake_engine: 
     response = httpx.get(f"{fake_server}/health")
     assert response.status_code == 503
     assert response.json()["status"] == "closed"
+
+
+def test_preview_decoder_comes_from_the_request_or_the_server_default(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    settings = make_settings(tmp_path, preview_decoder="vae")
+    with live_server(create_app(settings, engine)) as url:
+        for preview in (None, "linear"):
+            body = {"prompt": "x", "stream": True, "partial_images": 1, "preview": preview}
+            assert post(url, body).status_code == 200
+    assert [job.preview_decoder for job in engine.jobs] == ["vae", "linear"]
+
+
+@pytest.mark.parametrize("preview", ["fancy", "tiny", ""])
+def test_unknown_or_unavailable_preview_decoder_is_400_on_preview(
+    fake_server: str, preview: str
+) -> None:
+    body = {"prompt": "x", "stream": True, "partial_images": 1, "preview": preview}
+    response = post(fake_server, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "preview"
+    assert error["message"] == f"preview must be one of linear, vae; got {preview!r}"
+
+
+def test_server_may_allow_more_partial_images_than_openai(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    settings = make_settings(tmp_path, max_partial_images=50)
+    with live_server(create_app(settings, engine)) as url:
+        events = list(
+            sdk_client(url).images.generate(
+                prompt="x",
+                size="256x256",
+                stream=True,
+                partial_images=7,
+                extra_body={"num_inference_steps": 8},
+            )
+        )
+        too_many = post(url, {"prompt": "x", "stream": True, "partial_images": 51})
+    assert [event.type for event in events].count("image_generation.partial_image") == 7
+    assert too_many.status_code == 400

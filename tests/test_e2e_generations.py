@@ -114,6 +114,23 @@ def test_stream_partials_report_their_step(flux_server: str) -> None:
     assert {e.model_extra["total_steps"] for e in events[:3]} == {8}  # type: ignore[index]
 
 
+@pytest.mark.parametrize("preview", ["linear", "vae"])
+def test_stream_previews_with_the_requested_decoder_at_the_preview_size(
+    flux_server: str, preview: str
+) -> None:
+    events = list(
+        sdk_client(flux_server).images.generate(
+            model="flux.1-dev",
+            prompt="a fox",
+            size="1024x512",
+            stream=True,
+            partial_images=2,
+            extra_body={"num_inference_steps": 4, "preview": preview},
+        )
+    )
+    assert [decode(e.b64_json).size for e in events] == [(512, 256), (512, 256), (1024, 512)]
+
+
 def test_plain_request_returns_the_same_final_image_as_the_stream_for_the_same_seed(
     flux_server: str,
 ) -> None:
@@ -181,6 +198,7 @@ def test_url_response_serves_the_image_file_with_its_content_type(flux_server: s
         ({"prompt": "x", "partial_images": 4, "stream": True}, "partial_images"),
         ({"prompt": "x", "partial_images": -1, "stream": True}, "partial_images"),
         ({"prompt": "x", "n": 2, "stream": True}, "n"),
+        ({"prompt": "x", "preview": "fancy", "stream": True, "partial_images": 1}, "preview"),
     ],
 )
 def test_bad_request_is_an_openai_shaped_400_the_sdk_raises(

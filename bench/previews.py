@@ -1,0 +1,148 @@
+"""What previews cost and how faithful they are, per decoder, in one run.
+
+- fidelity: PSNR (dB) of each decoder's preview of the final latents against the full VAE
+  decode of the same latents, resized to the preview size;
+- cost: median time of one preview (latents -> small RGB, what the step callback does)
+  over the time of one denoising step, measured as the difference of two pipeline calls
+  with different step counts;
+- end to end: a streamed request through a real uvicorn server with the OpenAI SDK,
+  `partial_images=3` over the same request with `partial_images=0`.
+
+    .venv/bin/python -m bench.previews [--model embedded] [--sizes 512 1024] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from openai import OpenAI
+from PIL import Image
+
+from pipeline.engine import ThreadedEngine
+from pipeline.factory import create_flux_runner
+from pipeline.loading import ModelSpec
+from pipeline.previews import AutoencoderPreviewDecoder, PreviewDecoder
+from pipeline.runner import FluxRunner
+from stream.app import create_app
+from stream.params import preview_size
+from stream.settings import Settings
+from tests.conftest import sdk_client
+from tests.servers import live_server
+
+PROMPT = "a lighthouse at dusk"
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255**2 / error))
+
+
+def median_s(action: Callable[[], object], repeats: int) -> float:
+    action()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--tiny-vae", type=Path, default=None, help="TAEF1 folder, optional")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preview-max-side", type=int, default=512)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="fluxstream-bench-"))
+    spec = ModelSpec(model=args.model, cache_dir=scratch / "cache", tiny_vae=args.tiny_vae)
+    runner = create_flux_runner(spec)
+    pipe = runner.pipe
+    decoders: dict[str, PreviewDecoder] = {
+        **runner.decoders,
+        "vae, full then resize": AutoencoderPreviewDecoder(
+            pipe.vae, pipe.vae_scale_factor, reduce_latents=False
+        ),
+    }
+    print(f"model={args.model} steps={args.steps} device={pipe.device} dtype={pipe.dtype}")
+    for side in args.sizes:
+        report_size(pipe, decoders, side, args)
+    report_end_to_end(runner, scratch, args)
+
+
+def report_size(
+    pipe: FluxPipeline, decoders: dict[str, PreviewDecoder], side: int, args: argparse.Namespace
+) -> None:
+    def generate(steps: int) -> torch.Tensor:
+        return pipe(  # type: ignore[no-any-return]
+            prompt=PROMPT,
+            width=side,
+            height=side,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+
+    few, many = max(1, args.steps // 2), args.steps
+    step_s = (median_s(lambda: generate(many), 3) - median_s(lambda: generate(few), 3)) / (
+        many - few
+    )
+    packed = generate(many)
+    latents = pipe._unpack_latents(packed, side, side, pipe.vae_scale_factor)[0]
+    size = preview_size((side, side), args.preview_max_side)
+    full = AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor, reduce_latents=False)
+    reference = full.decode(latents, (side, side)).resize(size, Image.Resampling.BILINEAR)
+    print(f"\n{side}x{side}, preview {size[0]}x{size[1]}: one step {step_s * 1000:.1f} ms")
+    print(f"  {'decoder':<24} {'PSNR vs VAE':>11} {'ms/preview':>11} {'preview/step':>13}")
+    for name, decoder in decoders.items():
+        fidelity = psnr(decoder.decode(latents, size), reference)
+        cost_s = median_s(lambda d=decoder: d.decode(latents, size), args.repeats)
+        print(f"  {name:<24} {fidelity:>9.1f}dB {cost_s * 1000:>11.2f} {cost_s / step_s:>12.1%}")
+
+
+def report_end_to_end(runner: FluxRunner, scratch: Path, args: argparse.Namespace) -> None:
+    settings = Settings(data_dir=scratch / "images", cache_dir=scratch / "cache")
+    app = create_app(settings, ThreadedEngine(runner, max_queued=4))
+    with live_server(app) as url:
+        client = sdk_client(url)
+        for side in args.sizes:
+            report_streamed(client, side, args)
+
+
+def report_streamed(client: OpenAI, side: int, args: argparse.Namespace) -> None:
+    def streamed(partials: int) -> None:
+        events = list(
+            client.images.generate(
+                prompt=PROMPT,
+                size=f"{side}x{side}",
+                stream=True,
+                partial_images=partials,
+                extra_body={"num_inference_steps": args.steps, "seed": 0},
+            )
+        )
+        assert len(events) == partials + 1
+
+    with_s = median_s(lambda: streamed(3), args.repeats)
+    without_s = median_s(lambda: streamed(0), args.repeats)
+    print(f"\nstreamed {side}x{side}, {args.steps} steps, linear previews:")
+    print(
+        f"  partial_images=3: {with_s * 1000:.1f} ms, partial_images=0: {without_s * 1000:.1f} ms"
+    )
+    print(f"  ratio 3 previews / 0 previews: {with_s / without_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The fitted linear preview map, cached on disk per VAE so that a restart reuses it.
+
+The key is a hash of what decides the fit: the VAE's configuration (without the
+`_`-prefixed bookkeeping such as its folder path, so a moved model still hits) and a
+fingerprint of its weights (per tensor: shape, sum and absolute sum, rounded), plus the
+fit's own version. Hashing sums rather than every byte costs one pass over the weights
+on their device. A missing or unreadable entry is refitted and rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from pipeline.previews import LinearPreviewDecoder, fit_linear_decoder
+
+logger = logging.getLogger(__name__)
+
+# Bump when `fit_linear_decoder` changes, so that old fits are not reused.
+FIT_VERSION = "1"
+
+
+@torch.no_grad()
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """A stable hex key of the VAE's configuration and weights."""
+    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    digest = hashlib.sha256(f"fit-v{FIT_VERSION}".encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        values = tensor.double()
+        stats = torch.stack([values.sum(), values.abs().sum()]).tolist()
+        digest.update(f"{name}{tuple(tensor.shape)}{stats[0]:.6e}{stats[1]:.6e}".encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_linear_decoder(vae: AutoencoderKL, cache_dir: Path) -> LinearPreviewDecoder:
+    """The linear map of `vae`, from `cache_dir/previews/` if fitted before, else fitted now."""
+    path = cache_dir / "previews" / f"linear-{vae_fingerprint(vae)}.json"
+    try:
+        stored = json.loads(path.read_text())
+        return LinearPreviewDecoder(
+            weight=torch.tensor(stored["weight"], dtype=torch.float32),
+            bias=torch.tensor(stored["bias"], dtype=torch.float32),
+        )
+    except FileNotFoundError:
+        logger.info("fitting the linear preview map (cached as %s)", path.name)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        logger.warning("unreadable preview fit %s; fitting it again", path)
+    decoder = fit_linear_decoder(vae)
+    _write_atomically(path, {"weight": decoder.weight.tolist(), "bias": decoder.bias.tolist()})
+    return decoder
+
+
+def _write_atomically(path: Path, content: dict[str, object]) -> None:
+    """Two servers starting together never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".fit-", dir=path.parent)
+    with os.fdopen(handle, "w") as file:
+        json.dump(content, file)
+    os.replace(staging, path)
