@@ -172,7 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     applied = apply_speedups(pipe, speedups, device, scratch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runner = FluxRunner(pipe, profile, fit_linear_decoder(pipe.vae))
+    runner = FluxRunner(pipe, profile, {"linear": fit_linear_decoder(pipe.vae)})
     started = time.perf_counter()
     engine = ThreadedEngine(runner, max_queued=4, warmup=warmup_job(profile, args.size))
     while engine.status == "warming":
