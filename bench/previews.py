@@ -8,8 +8,9 @@
 - end to end: a streamed request through a real uvicorn server with the OpenAI SDK,
   `partial_images=3` over the same request with `partial_images=0`.
 
-Every time is the best of --repeats runs (after a warm-up): the machines here are shared,
-and the fastest run is the one least disturbed by other work.
+Times are the best of --repeats runs (after a warm-up): the machines here are shared, and
+the fastest run is the one least disturbed by other work. The end-to-end ratio is the
+median over interleaved pairs of requests.
 
     .venv/bin/python -m bench.previews [--model embedded] [--sizes 512 1024] [--steps 8]
 """
@@ -78,8 +79,8 @@ def main() -> None:
     pipe = runner.pipe
     decoders: dict[str, PreviewDecoder] = {
         **runner.decoders,
-        "vae, full then resize": AutoencoderPreviewDecoder(
-            pipe.vae, pipe.vae_scale_factor, reduce_latents=False
+        "vae, downscaled latent": AutoencoderPreviewDecoder(
+            pipe.vae, pipe.vae_scale_factor, reduce_latents=True
         ),
     }
     print(f"model={args.model} steps={args.steps} device={pipe.device} dtype={pipe.dtype}")
@@ -119,7 +120,7 @@ def report_size(
         step_s = min(step_s, statistics.median(intervals))
     latents = pipe._unpack_latents(packed, side, side, pipe.vae_scale_factor)[0]
     size = preview_size((side, side), args.preview_max_side)
-    full = AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor, reduce_latents=False)
+    full = AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor)
     reference = full.decode(latents, (side, side)).resize(size, Image.Resampling.BILINEAR)
     print(f"\n{side}x{side}, preview {size[0]}x{size[1]}: one step {step_s * 1000:.1f} ms")
     print(f"  {'decoder':<24} {'PSNR vs VAE':>11} {'ms/preview':>11} {'preview/step':>13}")
@@ -151,18 +152,20 @@ def report_streamed(client: OpenAI, side: int, args: argparse.Namespace) -> None
         )
         assert len(events) == partials + 1
 
-    # Interleaved, so that drifting load on a shared machine hits both alike.
+    # Interleaved pairs, so that drifting load on a shared machine hits both alike; the
+    # median of the pairs' ratios is the figure least moved by one disturbed run.
     times: dict[int, list[float]] = {3: [], 0: []}
     streamed(3), streamed(0)
     for _ in range(args.repeats):
         for partials, runs in times.items():
             runs.append(timed_s(lambda p=partials: streamed(p)))
-    with_s, without_s = min(times[3]), min(times[0])
+    ratios = [with_s / without_s for with_s, without_s in zip(times[3], times[0], strict=True)]
     print(f"\nstreamed {side}x{side}, {args.steps} steps, linear previews:")
     print(
-        f"  partial_images=3: {with_s * 1000:.1f} ms, partial_images=0: {without_s * 1000:.1f} ms"
+        f"  best of {args.repeats}: partial_images=3 {min(times[3]) * 1000:.1f} ms, "
+        f"partial_images=0 {min(times[0]) * 1000:.1f} ms"
     )
-    print(f"  ratio 3 previews / 0 previews: {with_s / without_s:.3f}")
+    print(f"  ratio 3 previews / 0 previews, median of pairs: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

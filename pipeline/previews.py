@@ -62,15 +62,17 @@ class LinearPreviewDecoder:
 class AutoencoderPreviewDecoder:
     """An autoencoder's decode at preview size: the model's VAE, or a tiny TAEF1-style one.
 
-    With `reduce_latents` the latent is first area-downscaled to the preview's size over
-    `scale_factor` (pixels per latent pixel), so a 1024 px image previewed at 512 px costs
-    a quarter of a full decode; without it, the full decode is resized afterwards
-    (`bench/previews.py` measures both).
+    By default the full decode is resized to the preview size: exactly the final image's
+    pixels, made small. With `reduce_latents` the latent is first area-downscaled to the
+    preview's size over `scale_factor` (pixels per latent pixel), which makes a 1024 px
+    image previewed at 512 px cost a quarter of a decode, but a VAE's latents are not
+    images: on the embedded model that preview is far from the decode (15 dB), so it is
+    not the default (`bench/previews.py` measures both).
     """
 
     vae: AutoencoderKL | AutoencoderTiny
     scale_factor: int
-    reduce_latents: bool = True
+    reduce_latents: bool = False
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:

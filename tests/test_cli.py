@@ -65,3 +65,14 @@ def test_unreadable_api_keys_file_fails_start_up_with_one_clear_line() -> None:
     assert line == (
         "fluxstream: cannot read the API keys file /nonexistent/keys.txt: No such file or directory"
     )
+
+
+def test_tiny_preview_default_without_a_tiny_vae_fails_start_up_clearly() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "--preview-decoder", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "fluxstream: --preview-decoder tiny needs --preview-tiny-vae"

@@ -91,7 +91,7 @@ def test_fitted_linear_map_beats_a_zero_or_mean_image_on_held_out_latents(
     """
     vae = runner.pipe.vae
     held_out = sample_latents(vae, 4, 128, torch.Generator().manual_seed(99))
-    full = AutoencoderPreviewDecoder(vae, runner.pipe.vae_scale_factor, reduce_latents=False)
+    full = AutoencoderPreviewDecoder(vae, runner.pipe.vae_scale_factor)
     references = np.stack([np.asarray(full.decode(z, (128, 128))) for z in held_out])
     linear = runner.decoders["linear"]
     previews = np.stack([np.asarray(linear.decode(z, (128, 128))) for z in held_out])
