@@ -19,6 +19,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
 )
@@ -184,19 +185,23 @@ def build_embedded_pipeline() -> FluxPipeline:
     )
 
 
-def ensure_embedded_model(cache_dir: Path) -> Path:
+def ensure_embedded_model(cache_dir: Path, *, kontext: bool = False) -> Path:
     """Return the folder of the embedded model, building it once if it is not cached yet.
 
-    The folder appears atomically (built in a temporary folder, then renamed), so that two
-    processes starting together never load a half-written model.
+    With `kontext`, the same components are saved as a `FluxKontextPipeline` (a Kontext
+    model is FLUX's components under another pipeline class), so that reference editing
+    runs offline too. The folder appears atomically (built in a temporary folder, then
+    renamed), so that two processes starting together never load a half-written model.
     """
-    target = cache_dir / f"embedded-flux-v{EMBEDDED_VERSION}"
+    name = "embedded-flux-kontext" if kontext else "embedded-flux"
+    target = cache_dir / f"{name}-v{EMBEDDED_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".embedded-", dir=cache_dir))
     try:
-        build_embedded_pipeline().save_pretrained(staging)
+        pipe = build_embedded_pipeline()
+        (FluxKontextPipeline.from_pipe(pipe) if kontext else pipe).save_pretrained(staging)
         try:
             staging.rename(target)
         except OSError:

@@ -12,6 +12,7 @@ from pipeline.jobs import Job, ModelProfile
 from pipeline.loading import (
     EMBEDDED,
     ModelSpec,
+    is_kontext_model,
     load_tiny_vae,
     model_profile,
     prepare_pipeline,
@@ -51,6 +52,7 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
         ),
         decoders,
         thresholds=EMBEDDED_THRESHOLDS if spec.model == EMBEDDED else FLUX_THRESHOLDS,
+        kontext=is_kontext_model(spec),
     )
     return runner if checker is None else runner.with_safety_checker(checker)
 

@@ -16,6 +16,21 @@ Acceleration = Literal["none", "regular", "high"]
 
 
 @dataclass(frozen=True)
+class EditInputs:
+    """What an edit starts from, decoded by the HTTP side (PIL, so this module stays torch-free).
+
+    `images` are RGB at their own size; the runner resizes them to the job's size. `mask`,
+    when given, is an "L" image the size of `images[0]`: 255 where the picture may change, 0
+    where it must stay (diffusers' convention; OpenAI's alpha-0 masks are converted before).
+    `strength` 0 returns the input unchanged, 1 regenerates fully.
+    """
+
+    images: tuple[Image.Image, ...]
+    mask: Image.Image | None = None
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
 class Job:
     """One pipeline call, fully resolved: no defaults are left for the engine to guess.
 
@@ -36,6 +51,7 @@ class Job:
     acceleration: Acceleration = "none"
     go_fast: bool = False
     safety_check: bool = False
+    edit: EditInputs | None = None
 
     @property
     def num_images(self) -> int:
@@ -164,6 +180,7 @@ class ModelProfile:
     speedups: tuple[str, ...] = ()
     safety_checker: bool = False
     preview_decoders: tuple[str, ...] = ("linear", "vae")
+    max_input_images: int = 1
 
 
 EngineStatus = Literal["warming", "ok", "failed", "draining", "closed"]

@@ -24,6 +24,7 @@ from pipeline.speedups import SpeedupError, Speedups, apply_speedups
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+EMBEDDED_KONTEXT = "embedded-kontext"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -62,7 +63,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()) -> ModelProfile:
     """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28."""
     name = model.lower()
-    if model == EMBEDDED:
+    if model in (EMBEDDED, EMBEDDED_KONTEXT):
         steps, guidance = 8, 3.5
     elif "schnell" in name or not pipe.transformer.config.guidance_embeds:
         steps, guidance = 4, 0.0
@@ -85,17 +86,28 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def model_source(spec: ModelSpec) -> Path | str:
+    """Where `from_pretrained` finds the model: an embedded model's cache folder (built on
+    first use), a local diffusers folder, or a hub id."""
+    if spec.model in (EMBEDDED, EMBEDDED_KONTEXT):
+        return ensure_embedded_model(spec.cache_dir, kontext=spec.model == EMBEDDED_KONTEXT)
+    if Path(spec.model).exists() and not (Path(spec.model) / "model_index.json").is_file():
+        raise ModelLoadError(f"{spec.model} is not a diffusers folder (no model_index.json)")
+    return spec.model
+
+
+def is_kontext_model(spec: ModelSpec) -> bool:
+    """A Kontext model names its pipeline class in model_index.json; its components are
+    FLUX's, so it loads as a `FluxPipeline` and edits by reference with FluxKontextPipeline."""
+    config = FluxPipeline.load_config(model_source(spec), local_files_only=True)
+    return str(config.get("_class_name", "")).startswith("FluxKontext")
+
+
 def load_pipeline(spec: ModelSpec) -> FluxPipeline:
     _quiet_libraries()
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    source: Path | str
-    if spec.model == EMBEDDED:
-        source = ensure_embedded_model(spec.cache_dir)
-    else:
-        source = spec.model
-        if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
-            raise ModelLoadError(f"{source} is not a diffusers folder (no model_index.json)")
+    source = model_source(spec)
     try:
         pipe = FluxPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as error:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -31,27 +30,29 @@ from stream.errors import (
     error_body,
     error_response,
 )
+from stream.image_inputs import decode_upload
 from stream.job_service import JobService
 from stream.jobs import JobStore, MemoryJobStore
 from stream.limits import BodyLimitMiddleware
 from stream.metrics import Metrics, MetricsMiddleware
 from stream.openapi import Operation, openapi_document
-from stream.params import ImageGenerationRequest, parse_generation_request, plan_generation
+from stream.params import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    parse_generation_request,
+    parse_request,
+    plan_edit,
+    plan_generation,
+)
 from stream.serving import ImageService
 from stream.settings import Settings
 from stream.store import DiskResultStore, ResultStore
+from stream.uploads import read_edit_upload, read_json
 from stream.webhooks import check_webhook_url
 
 logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 VERSION = version("fluxstream")
-
-
-async def read_json(request: Request) -> object:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON") from None
 
 
 async def read_json_object(request: Request) -> dict[str, object]:
@@ -120,6 +121,13 @@ def create_app(
         frames = jobs.event_frames(request.path_params["job_id"], last_event_id(request))
         return sse.event_stream(frames, keepalive_s=settings.keepalive_s, headers={})
 
+    async def edits(request: Request) -> Response:
+        upload = await read_edit_upload(request, settings)
+        edit_request = parse_request(upload.fields, ImageEditRequest)
+        inputs = await decode_upload(upload, engine.profile.max_input_images, settings)
+        plan = plan_edit(edit_request, inputs, settings, engine.profile)
+        return await service.respond(request, plan, kind="image_edit")
+
     async def result_file(request: Request) -> Response:
         stored = store.get(request.path_params["name"])
         if stored is None:
@@ -184,6 +192,7 @@ def create_app(
         Route("/v1/images/jobs/{job_id}", job, methods=["GET"]),
         Route("/v1/images/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/images/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),

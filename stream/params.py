@@ -10,13 +10,14 @@ the edits endpoint subclasses `ImageGenerationRequest` and calls `plan_generatio
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.jobs import Acceleration, Job, ModelProfile
+from pipeline.jobs import Acceleration, EditInputs, Job, ModelProfile
 from stream.errors import InvalidRequest, NotFound
 from stream.passthrough import split_extras
 from stream.settings import Settings
@@ -35,6 +36,9 @@ QUALITY_STEPS: dict[str, tuple[str, float]] = {
     "auto": ("high", 1.0),
 }
 MAX_SEED = 2**32 - 1
+# img2img keeps the input's layout and colours; inpainting paints the masked area anew.
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
 _T = TypeVar("_T")
 _R = TypeVar("_R", bound="ImageGenerationRequest")
 
@@ -75,6 +79,13 @@ class ImageGenerationRequest(BaseModel):
     style: Literal["vivid", "natural"] | None = Field(None, description="accepted; no effect")
     user: str | None = Field(None, description="end-user id; accepted, not used")
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted; no effect")
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """`POST /v1/images/edits`: every generation field, plus the edit's own (the images and
+    the mask travel beside it, see `stream.uploads`)."""
+
+    input_fidelity: str | None = Field(None, description="OpenAI input_fidelity; accepted")
 
 
 @dataclass(frozen=True)
@@ -122,8 +133,12 @@ def _invalid(error: ValidationError) -> InvalidRequest:
 
 
 def plan_generation(
-    request: ImageGenerationRequest, settings: Settings, profile: ModelProfile
+    request: ImageGenerationRequest,
+    settings: Settings,
+    profile: ModelProfile,
+    like: tuple[int, int] | None = None,
 ) -> ImagePlan:
+    """The plan of a request; `like` is an edit's input size (see `resolve_size`)."""
     model = _check_model(request.model, settings)
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be empty", param="prompt")
@@ -148,6 +163,7 @@ def plan_generation(
     size = resolve_size(
         SizeRequest(request.size, request.aspect_ratio, request.resolution, request.megapixels),
         settings.max_pixels,
+        like,
     )
     width, height = generation_size(*size)
     first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -219,6 +235,19 @@ def safety_check(
             "this server does not allow turning the safety checker off", param=param
         )
     return asked
+
+
+def plan_edit(
+    request: ImageEditRequest, inputs: EditInputs, settings: Settings, profile: ModelProfile
+) -> ImagePlan:
+    """A generation plan sized after the first input image, carrying the edit's inputs."""
+    plan = plan_generation(request, settings, profile, like=inputs.images[0].size)
+    if request.strength is not None:
+        strength = request.strength
+    else:
+        strength = DEFAULT_INPAINT_STRENGTH if inputs.mask is not None else DEFAULT_STRENGTH
+    edit = dataclasses.replace(inputs, strength=strength)
+    return dataclasses.replace(plan, job=dataclasses.replace(plan.job, edit=edit))
 
 
 def preview_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -206,14 +206,18 @@ def refusal(error: ContentFiltered | JobRejected, plan: ImagePlan) -> APIError:
 
 
 def _usage(plan: ImagePlan) -> dict[str, Any]:
-    """FLUX has no billing tokens; we count prompt words and 16x16 output patches."""
-    text_tokens = len(plan.job.prompt.split())
-    output_tokens = plan.job.num_images * (plan.job.width // 16) * (plan.job.height // 16)
+    """FLUX has no billing tokens; we count prompt words and 16x16 patches of the images
+    read (an edit's inputs, at the generation size) and written."""
+    job = plan.job
+    patches = (job.width // 16) * (job.height // 16)
+    text_tokens = len(job.prompt.split())
+    image_tokens = 0 if job.edit is None else len(job.edit.images) * patches
+    output_tokens = job.num_images * patches
     return {
-        "total_tokens": text_tokens + output_tokens,
-        "input_tokens": text_tokens,
+        "total_tokens": text_tokens + image_tokens + output_tokens,
+        "input_tokens": text_tokens + image_tokens,
         "output_tokens": output_tokens,
-        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
+        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens},
     }
 
 

@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="TCP port to listen on")
     model: str = Field(
         "embedded",
-        description="'embedded' (the built-in tiny FLUX), a local diffusers folder, "
-        "or a hub id already in the local cache",
+        description="'embedded' (the built-in tiny FLUX), 'embedded-kontext' (the same as a "
+        "Kontext model), a local diffusers folder, or a hub id already in the local cache",
     )
     served_model_name: str = Field("flux.1-dev", description="model id clients ask for")
     model_aliases: tuple[str, ...] = Field(
@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     max_steps: int = Field(100, ge=1, description="largest num_inference_steps")
     max_pixels: int = Field(2048 * 2048, ge=1, description="pixel budget of one image")
     max_prompt_chars: int = Field(8000, ge=1, description="longest prompt accepted")
+    max_image_bytes: int = Field(
+        50 * 2**20, ge=1, description="largest input image or mask file of an edit (413 over it)"
+    )
+    max_upload_bytes: int = Field(
+        128 * 2**20, ge=1, description="largest edit request body, counted as received (413)"
+    )
+    max_input_pixels: int = Field(
+        50_000_000, ge=1, description="largest input image or mask, in pixels, before decoding"
+    )
     max_partial_images: int = Field(
         3,
         ge=0,

@@ -2,7 +2,9 @@
 
 The rules are those of the FLUX.1 [dev] reference (`size` wins; shapes and tiers map to
 the nearest supported value), plus FLUX's need for sides that are multiples of 16: we
-generate at the next multiple of 16 and resize to the exact size resolved here.
+generate at the next multiple of 16 and resize to the exact size resolved here. For an
+edit, the input image stands in for what the request leaves unsaid: its shape for the
+aspect ratio and its pixel count for the tier, each mapped to the nearest supported one.
 """
 
 from __future__ import annotations
@@ -59,8 +61,18 @@ def parse_aspect_ratio(text: str, param: str) -> tuple[int, int]:
         raise InvalidRequest(
             f"{param} must look like '16:9' (two positive numbers); got {text!r}", param=param
         )
-    wanted = math.log(float(match[1]) / float(match[2]))
+    return nearest_shape(float(match[1]) / float(match[2]))
+
+
+def nearest_shape(ratio: float) -> tuple[int, int]:
+    """The supported shape closest to `ratio` (width / height), on a log scale."""
+    wanted = math.log(ratio)
     return min(SIZES_1K, key=lambda shape: abs(math.log(shape[0] / shape[1]) - wanted))
+
+
+def nearest_tier(scale: float) -> float:
+    """The supported tier closest to `scale` (a factor of the 1K sides), on a log scale."""
+    return min(TIERS.values(), key=lambda tier: abs(math.log(tier / scale)))
 
 
 def parse_tier(text: str, param: str) -> float:
@@ -76,7 +88,7 @@ def parse_tier(text: str, param: str) -> float:
         )
     if scale <= 0:
         raise InvalidRequest(f"{param} must be positive; got {text!r}", param=param)
-    return min(TIERS.values(), key=lambda tier: abs(math.log(tier / scale)))
+    return nearest_tier(scale)
 
 
 def scaled(shape: tuple[int, int], tier: float) -> tuple[int, int]:
@@ -84,31 +96,43 @@ def scaled(shape: tuple[int, int], tier: float) -> tuple[int, int]:
     return (max(1, int(width * tier + 0.5)), max(1, int(height * tier + 0.5)))
 
 
-def resolve_size(request: SizeRequest, max_pixels: int) -> tuple[int, int]:
-    """The exact output size for a request, within the server's pixel budget."""
+def resolve_size(
+    request: SizeRequest, max_pixels: int, like: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The exact output size for a request, within the server's pixel budget; `like` is the
+    size of an edit's input image, whose shape and tier fill in what the request omits."""
     size = (request.size or "").strip()
     if size and size.lower() != "auto":
         if match := _WXH.match(size):
             return _checked_wxh(int(match[1]), int(match[2]), max_pixels)
         if _RATIO.match(size):
-            return _tiered(parse_aspect_ratio(size, "size"), request, max_pixels)
+            return _tiered(parse_aspect_ratio(size, "size"), request, max_pixels, like)
         raise InvalidRequest(
             f"size must be 'WxH' (e.g. '1024x1024'), 'W:H' (e.g. '16:9') or 'auto'; got {size!r}",
             param="size",
         )
-    if request.aspect_ratio is None and request.resolution is None and request.megapixels is None:
+    unsaid = request.aspect_ratio is None and request.resolution is None
+    if unsaid and request.megapixels is None and like is None:
         return _fit_budget(DEFAULT_SIZE, max_pixels)
-    shape = (
-        parse_aspect_ratio(request.aspect_ratio, "aspect_ratio") if request.aspect_ratio else (1, 1)
-    )
-    return _tiered(shape, request, max_pixels)
+    if request.aspect_ratio:
+        shape = parse_aspect_ratio(request.aspect_ratio, "aspect_ratio")
+    else:
+        shape = nearest_shape(like[0] / like[1]) if like else (1, 1)
+    return _tiered(shape, request, max_pixels, like)
 
 
-def _tiered(shape: tuple[int, int], request: SizeRequest, max_pixels: int) -> tuple[int, int]:
+def _tiered(
+    shape: tuple[int, int],
+    request: SizeRequest,
+    max_pixels: int,
+    like: tuple[int, int] | None = None,
+) -> tuple[int, int]:
     if request.resolution is not None:
         tier = parse_tier(request.resolution, "resolution")
     elif request.megapixels is not None:
         tier = parse_tier(request.megapixels, "megapixels")
+    elif like is not None:
+        tier = nearest_tier(math.sqrt(_pixels(like) / _pixels(SIZES_1K[shape])))
     else:
         tier = TIERS["1K"]
     fitting = [t for t in TIERS.values() if t <= tier and _pixels(scaled(shape, t)) <= max_pixels]

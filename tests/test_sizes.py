@@ -102,3 +102,29 @@ def test_generation_size_rounds_each_side_up_to_a_multiple_of_16() -> None:
     assert generation_size(1183, 887) == (1184, 896)
     assert generation_size(1024, 1024) == (1024, 1024)
     assert generation_size(1, 1) == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("like", "expected"),
+    [
+        ((128, 96), (592, 444)),  # 4:3, few pixels: the 0.5K tier
+        ((1200, 900), (1183, 887)),  # 4:3 near a megapixel: 1K
+        ((1080, 1920), (768, 1365)),  # a phone portrait: 9:16 at 1K
+        ((2000, 2000), (2048, 2048)),
+        ((3000, 3000), (4096, 4096)),  # 9 MP is nearer 4K (16.8 MP) than 2K (4.2 MP)
+        ((64, 64), (512, 512)),
+    ],
+)
+def test_edit_without_size_keeps_the_input_shape_at_its_nearest_tier(
+    like: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    assert resolve_size(SizeRequest(), BUDGET, like=like) == expected
+
+
+def test_edit_fills_in_only_what_the_request_leaves_unsaid() -> None:
+    like = (1200, 900)
+    assert resolve_size(SizeRequest(size="300x200"), BUDGET, like=like) == (300, 200)
+    assert resolve_size(SizeRequest(aspect_ratio="16:9"), BUDGET, like=like) == (1365, 768)
+    assert resolve_size(SizeRequest(size="16:9"), BUDGET, like=like) == (1365, 768)
+    assert resolve_size(SizeRequest(resolution="0.5K"), BUDGET, like=like) == (592, 444)
+    assert resolve_size(SizeRequest(size="auto"), BUDGET, like=like) == (1183, 887)
