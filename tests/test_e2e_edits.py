@@ -1,0 +1,264 @@
+"""Edits end to end: the official SDK against a real server on the embedded models (plain
+FLUX for img2img and inpainting, its Kontext-shaped twin for reference editing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
+    FluxKontextPipeline,
+)
+from PIL import Image
+
+from pipeline.engine import ThreadedEngine
+from pipeline.factory import create_flux_runner
+from pipeline.loading import EMBEDDED_KONTEXT, ModelSpec
+from pipeline.runner import FluxRunner
+from stream.app import create_app
+from tests.conftest import make_settings, sdk_client
+from tests.images import decode_b64, encoded, hole_mask, noise_image, pixels
+from tests.servers import live_server
+
+SIZE = (128, 96)
+PICTURE = noise_image(SIZE, seed=3)
+PNG = encoded(PICTURE)
+FAST = {"num_inference_steps": 4, "seed": 5}
+NODE_TESTS = Path(__file__).parent / "node"
+
+
+@pytest.fixture(scope="module")
+def flux_runner(model_cache: Path) -> FluxRunner:
+    return create_flux_runner(ModelSpec(cache_dir=model_cache))
+
+
+@pytest.fixture(scope="module")
+def kontext_runner(model_cache: Path) -> FluxRunner:
+    return create_flux_runner(ModelSpec(model=EMBEDDED_KONTEXT, cache_dir=model_cache))
+
+
+def serve(runner: FluxRunner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = make_settings(tmp_path_factory.mktemp("server"))
+    with live_server(create_app(settings, ThreadedEngine(runner, max_queued=8))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def flux_server(flux_runner: FluxRunner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve(flux_runner, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def kontext_server(
+    kontext_runner: FluxRunner, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    yield from serve(kontext_runner, tmp_path_factory)
+
+
+def edit(base_url: str, **arguments: object) -> openai.types.ImagesResponse:
+    extra = {**FAST, **arguments.pop("extra_body", {})}  # type: ignore[dict-item]
+    return sdk_client(base_url).images.edit(  # type: ignore[call-overload, no-any-return]
+        image=arguments.pop("image", ("photo.png", PNG, "image/png")),
+        prompt="a red fox in the snow",
+        response_format="b64_json",
+        size=f"{SIZE[0]}x{SIZE[1]}",
+        extra_body=extra,
+        **arguments,
+    )
+
+
+def only_image(result: openai.types.ImagesResponse) -> np.ndarray:
+    assert result.data is not None and result.data[0].b64_json is not None
+    return pixels(decode_b64(result.data[0].b64_json))
+
+
+def test_every_edit_mode_shares_the_loaded_weights(
+    flux_runner: FluxRunner, kontext_runner: FluxRunner
+) -> None:
+    for runner, classes in [
+        (flux_runner, (FluxImg2ImgPipeline, FluxInpaintPipeline)),
+        (kontext_runner, (FluxKontextPipeline, FluxKontextInpaintPipeline)),
+    ]:
+        for masked, cls in zip((False, True), classes, strict=True):
+            edit_pipe = runner.edit_pipe(masked)
+            assert type(edit_pipe) is cls
+            for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+                assert getattr(edit_pipe, name) is getattr(runner.pipe, name)
+
+
+def test_img2img_returns_a_changed_image_of_the_requested_size_with_its_seed(
+    flux_server: str,
+) -> None:
+    result = edit(flux_server, image=[("photo.png", PNG, "image/png")])
+    output = only_image(result)
+    assert output.shape == (SIZE[1], SIZE[0], 3)
+    assert np.abs(output - pixels(PICTURE)).mean() > 5
+    assert result.data is not None and result.data[0].model_extra == {"seed": 5}
+
+
+def test_img2img_is_reproducible_with_its_seed(flux_server: str) -> None:
+    assert np.array_equal(only_image(edit(flux_server)), only_image(edit(flux_server)))
+
+
+def test_strength_zero_returns_the_input_unchanged(flux_server: str) -> None:
+    output = only_image(edit(flux_server, extra_body={"strength": 0}))
+    assert np.array_equal(output, pixels(PICTURE))
+
+
+def test_lower_strength_stays_closer_to_the_input(flux_server: str) -> None:
+    def distance(strength: float) -> float:
+        output = only_image(edit(flux_server, extra_body={"strength": strength}))
+        return float(np.abs(output - pixels(PICTURE)).mean())
+
+    assert distance(0.25) < distance(1.0)
+
+
+def test_inpainting_changes_the_masked_area_and_keeps_every_other_pixel(
+    flux_server: str,
+) -> None:
+    box = (32, 16, 96, 64)
+    mask = encoded(hole_mask(SIZE, box))
+    output = only_image(edit(flux_server, mask=("mask.png", mask, "image/png")))
+    inside = np.zeros(output.shape[:2], dtype=bool)
+    inside[box[1] : box[3], box[0] : box[2]] = True
+    difference = np.abs(output - pixels(PICTURE))
+    assert difference[~inside].max() <= 2
+    assert difference[inside].mean() > 5
+
+
+def test_streamed_img2img_previews_are_spread_over_the_steps_actually_run(
+    flux_server: str,
+) -> None:
+    events = list(
+        sdk_client(flux_server).images.edit(
+            image=[("photo.png", PNG, "image/png")],
+            prompt="a red fox",
+            size="128x96",
+            stream=True,
+            partial_images=2,
+            extra_body={"num_inference_steps": 8, "strength": 0.5, "seed": 1},
+        )
+    )
+    assert [event.type for event in events] == ["image_edit.partial_image"] * 2 + [
+        "image_edit.completed"
+    ]
+    # strength 0.5 of 8 steps runs the last 4; previews after steps 1 and 3 of those 4.
+    assert [e.model_extra["total_steps"] for e in events[:2]] == [4, 4]  # type: ignore[index]
+    assert [e.model_extra["step"] for e in events[:2]] == [1, 3]  # type: ignore[index]
+    images = [pixels(decode_b64(event.b64_json)) for event in events]
+    assert all(image.shape == (96, 128, 3) for image in images)
+    assert len({image.tobytes() for image in images}) == 3
+
+
+def test_streamed_inpainting_previews_keep_the_unmasked_pixels(flux_server: str) -> None:
+    box = (0, 0, 64, 96)
+    smooth = noise_image((8, 6)).resize(SIZE, Image.Resampling.BICUBIC)  # JPEG keeps it well
+    events = list(
+        sdk_client(flux_server).images.edit(
+            image=("photo.png", encoded(smooth), "image/png"),
+            mask=("mask.png", encoded(hole_mask(SIZE, box)), "image/png"),
+            prompt="a red fox",
+            size="128x96",
+            stream=True,
+            partial_images=1,
+            output_format="png",
+            extra_body=FAST,
+        )
+    )
+    preview, completed = (pixels(decode_b64(event.b64_json)) for event in events)
+    assert np.abs(completed[:, 64:] - pixels(smooth)[:, 64:]).max() <= 2
+    # Previews are JPEG: the kept half matches the input up to compression noise.
+    assert np.abs(preview[:, 72:] - pixels(smooth)[:, 72:]).mean() < 4
+
+
+def test_kontext_model_edits_by_reference_and_streams(kontext_server: str) -> None:
+    events = list(
+        sdk_client(kontext_server).images.edit(
+            image=("photo.png", PNG, "image/png"),
+            prompt="make it night",
+            size="128x96",
+            stream=True,
+            partial_images=1,
+            extra_body=FAST,
+        )
+    )
+    assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert pixels(decode_b64(events[-1].b64_json)).shape == (96, 128, 3)
+
+
+def test_kontext_model_refuses_several_images_with_a_400_that_says_so(
+    kontext_server: str,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        edit(kontext_server, image=[("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")])
+    error = raised.value.response.json()["error"]
+    assert error["param"] == "image"
+    assert "accepts 1 input image; got 2" in error["message"]
+
+
+def test_kontext_inpainting_keeps_the_unmasked_pixels(kontext_server: str) -> None:
+    mask = encoded(hole_mask(SIZE, (0, 0, 64, 48)))
+    output = only_image(edit(kontext_server, mask=("mask.png", mask, "image/png")))
+    assert np.abs(output[48:] - pixels(PICTURE)[48:]).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def node_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with tests/node and the pinned `openai` package installed by npm."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed: the Node SDK test needs them")
+    folder = tmp_path_factory.mktemp("node-sdk")
+    for name in ("package.json", "edits.mjs"):
+        shutil.copy(NODE_TESTS / name, folder / name)
+    try:
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=folder,
+            check=True,
+            capture_output=True,
+            timeout=240,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as failure:
+        pytest.skip(f"npm install of the openai Node SDK failed (no registry?): {failure}")
+    return folder
+
+
+def test_node_sdk_edits_with_one_image_a_list_a_mask_and_a_stream(
+    node_sdk: Path, flux_server: str, tmp_path: Path
+) -> None:
+    (tmp_path / "photo.png").write_bytes(PNG)
+    (tmp_path / "mask.png").write_bytes(encoded(hole_mask(SIZE, (0, 0, 64, 96))))
+    run = subprocess.run(
+        [
+            "node",
+            "edits.mjs",
+            f"{flux_server}/v1",
+            str(tmp_path / "photo.png"),
+            str(tmp_path / "mask.png"),
+        ],
+        cwd=node_sdk,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    single, listed, masked = (pixels(decode_b64(out[key])) for key in ("single", "list", "masked"))
+    assert single.shape == (96, 128, 3) and out["seed"] == 5
+    assert np.array_equal(single, listed)  # `image[]` with one file is the same request
+    assert np.abs(masked[:, 64:] - pixels(PICTURE)[:, 64:]).max() <= 2
+    assert out["events"] == [
+        {"type": "image_edit.partial_image", "index": 0},
+        {"type": "image_edit.partial_image", "index": 1},
+        {"type": "image_edit.completed", "index": None},
+    ]
+    assert out["refused"] == {"status": 400, "param": "image"}
