@@ -114,6 +114,23 @@ def test_strength_zero_returns_the_input_unchanged(flux_server: str) -> None:
     assert np.array_equal(output, pixels(PICTURE))
 
 
+def test_streamed_strength_zero_sends_the_input_as_the_completed_image(
+    kontext_server: str,
+) -> None:
+    events = list(
+        sdk_client(kontext_server).images.edit(
+            image=("photo.png", PNG, "image/png"),
+            prompt="make it night",
+            size="128x96",
+            stream=True,
+            partial_images=2,
+            extra_body={"strength": "0"},
+        )
+    )
+    assert [event.type for event in events] == ["image_edit.completed"]
+    assert np.array_equal(pixels(decode_b64(events[0].b64_json)), pixels(PICTURE))
+
+
 def test_lower_strength_stays_closer_to_the_input(flux_server: str) -> None:
     def distance(strength: float) -> float:
         output = only_image(edit(flux_server, extra_body={"strength": strength}))
