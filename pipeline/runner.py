@@ -186,7 +186,13 @@ class FluxRunner:
         if edit is not None:
             pipe = self.edit_pipe(edit.mask is not None)
             arguments = edit.arguments(kontext=self._kontext)
-        with observe_scheduler_steps(pipe.scheduler, remember):
+        # The first-block cache keeps its state per cache context. FluxPipeline opens one
+        # around each transformer call; the img2img, inpaint and Kontext pipelines open
+        # none, so the whole call runs in the "cond" context (inner ones simply reset it).
+        with (
+            observe_scheduler_steps(pipe.scheduler, remember),
+            self._pipe.transformer.cache_context("cond"),
+        ):
             return pipe(
                 prompt=job.prompt,
                 width=job.width,

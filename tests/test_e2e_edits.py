@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +279,57 @@ def test_node_sdk_edits_with_one_image_a_list_a_mask_and_a_stream(
         {"type": "image_edit.completed", "index": None},
     ]
     assert out["refused"] == {"status": 400, "param": "image"}
+
+
+def test_generation_parameters_apply_to_edits(flux_server: str) -> None:
+    result = sdk_client(flux_server).images.edit(
+        image=("photo.png", PNG, "image/png"),
+        prompt="a red fox",
+        size="128x96",
+        output_format="webp",
+        extra_body={
+            "acceleration": "high",
+            "sync_mode": "true",
+            "quality": "low",
+            "strength": "0.9",
+            "made_up_knob": "1",
+        },
+    )
+    assert result.data is not None and result.data[0].url is not None
+    assert result.data[0].url.startswith("data:image/webp;base64,")
+    image = decode_b64(result.data[0].url.split(",", 1)[1])
+    assert (image.format, image.size) == ("WEBP", SIZE)
+    extra = result.model_extra or {}
+    assert extra["acceleration"] == "high"
+    assert extra["ignored_parameters"] == ["made_up_knob"]
+    assert result.quality == "low"
+
+
+def test_acceleration_cache_skips_transformer_work_in_edits(flux_server: str) -> None:
+    """The edit pipelines open no cache context themselves; without the runner's, the
+    first-block cache would fail the job (or, skipping nothing, change nothing)."""
+
+    def output(acceleration: str) -> np.ndarray:
+        steps = {"num_inference_steps": 16, "strength": 1, "acceleration": acceleration}
+        return only_image(edit(flux_server, extra_body=steps))
+
+    assert not np.array_equal(output("none"), output("high"))
+
+
+class FlagAll:
+    """A scripted safety checker that flags every image it sees."""
+
+    def flagged(self, images: Sequence[Image.Image]) -> list[bool]:
+        return [True] * len(images)
+
+
+@pytest.mark.parametrize("strength", ["0", "0.8"])
+def test_safety_checker_runs_on_edits_even_when_the_input_comes_back_unchanged(
+    flux_runner: FluxRunner, tmp_path_factory: pytest.TempPathFactory, strength: str
+) -> None:
+    for url in serve(flux_runner.with_safety_checker(FlagAll()), tmp_path_factory):
+        with pytest.raises(openai.BadRequestError) as raised:
+            edit(url, extra_body={"strength": strength})
+        assert raised.value.code == "content_policy_violation"
+        unchecked = edit(url, extra_body={"strength": strength, "disable_safety_checker": "true"})
+        assert unchecked.data is not None and len(unchecked.data) == 1
