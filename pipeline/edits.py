@@ -23,7 +23,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.jobs import EditInputs
 
@@ -56,13 +56,13 @@ class PreparedEdit:
 
     @classmethod
     def of(cls, edit: EditInputs, size: tuple[int, int]) -> PreparedEdit:
-        image = edit.images[0]
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.LANCZOS)
+        """Scale the input (and mask) to cover `size`, cropping the centre: an output of
+        another shape than the input is a crop of it, never a distortion."""
+        image = ImageOps.fit(edit.images[0], size, Image.Resampling.LANCZOS)
         mask = edit.mask
-        if mask is not None and mask.size != size:
+        if mask is not None:
             # Nearest keeps the mask binary: a pixel is either kept or repainted.
-            mask = mask.resize(size, Image.Resampling.NEAREST)
+            mask = ImageOps.fit(mask, size, Image.Resampling.NEAREST)
         return cls(image=image, mask=mask, strength=edit.strength)
 
     def keep_unmasked(self, generated: Image.Image) -> Image.Image:
