@@ -93,6 +93,13 @@ def create_app(
         )
         return await service.respond(request, plan, kind="image_generation")
 
+    async def edits(request: Request) -> Response:
+        upload = await read_edit_upload(request, settings)
+        edit_request = parse_request(upload.fields, ImageEditRequest)
+        inputs = await decode_upload(upload, engine.profile.max_input_images, settings)
+        plan = plan_edit(edit_request, inputs, settings, engine.profile)
+        return await service.respond(request, plan, kind="image_edit")
+
     async def create_job(request: Request) -> Response:
         body = await read_json_object(request)
         webhook_url = check_webhook_url(body.pop("webhook_url", None), settings)
@@ -120,13 +127,6 @@ def create_app(
     async def job_events(request: Request) -> Response:
         frames = jobs.event_frames(request.path_params["job_id"], last_event_id(request))
         return sse.event_stream(frames, keepalive_s=settings.keepalive_s, headers={})
-
-    async def edits(request: Request) -> Response:
-        upload = await read_edit_upload(request, settings)
-        edit_request = parse_request(upload.fields, ImageEditRequest)
-        inputs = await decode_upload(upload, engine.profile.max_input_images, settings)
-        plan = plan_edit(edit_request, inputs, settings, engine.profile)
-        return await service.respond(request, plan, kind="image_edit")
 
     async def result_file(request: Request) -> Response:
         stored = store.get(request.path_params["name"])
@@ -188,11 +188,11 @@ def create_app(
 
     routes: list[BaseRoute] = [
         Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/images/jobs", create_job, methods=["POST"]),
         Route("/v1/images/jobs/{job_id}", job, methods=["GET"]),
         Route("/v1/images/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/images/jobs/{job_id}/events", job_events, methods=["GET"]),
-        Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
