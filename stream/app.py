@@ -164,6 +164,15 @@ def create_app(
         ),
         Operation(
             "POST",
+            "/v1/images/edits",
+            "img2img, inpainting or reference editing: these fields plus the files `image` "
+            "(or `image[]`) and `mask`; also JSON with data URLs in `images` and `mask`",
+            body=ImageEditRequest,
+            media_type="multipart/form-data",
+            streams=True,
+        ),
+        Operation(
+            "POST",
             "/v1/images/jobs",
             "the generations body (plus webhook_url) as a job; 202 at once",
             body=ImageGenerationRequest,

@@ -72,9 +72,6 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(
         50 * 2**20, ge=1, description="largest input image or mask file of an edit (413 over it)"
     )
-    max_upload_bytes: int = Field(
-        128 * 2**20, ge=1, description="largest edit request body, counted as received (413)"
-    )
     max_input_pixels: int = Field(
         50_000_000, ge=1, description="largest input image or mask, in pixels, before decoding"
     )

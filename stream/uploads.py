@@ -6,9 +6,8 @@ string that the request model coerces ("3", "true", "0.8"). The JSON variant car
 `images: [{"image_url": "data:..."}]` and `mask: {"image_url": ...}`; remote URLs are
 refused, because the server fetches nothing.
 
-Bytes are counted as they arrive, not taken from Content-Length (which may lie, or be
-absent with chunked uploads): past `max_upload_bytes` the body is refused with a 413
-without reading the rest, and each file is held to `max_image_bytes`.
+The body as a whole is held to `max_body_bytes` as it arrives (`stream.limits`); each file
+in it is held to `max_image_bytes`, counted on the bytes received (413 either way).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.types import Message, Receive
 
 from stream.errors import InvalidRequest, PayloadTooLarge
 from stream.settings import Settings
@@ -50,30 +48,11 @@ async def read_json(request: Request) -> object:
 
 
 async def read_edit_upload(request: Request, settings: Settings) -> EditUpload:
-    """The edit request's fields and files, from multipart or JSON, within the byte limits."""
-    counted = Request(request.scope, _counting(request.receive, settings.max_upload_bytes))
+    """The edit request's fields and files, from multipart or JSON, within the byte limit."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        return await _read_multipart(counted, settings.max_image_bytes)
-    return _from_json(await read_json(counted), settings.max_image_bytes)
-
-
-def _counting(receive: Receive, limit: int) -> Receive:
-    received = 0
-
-    async def counted() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLarge(
-                    f"the request body is larger than {limit} bytes, the most this server accepts",
-                    code="request_too_large",
-                )
-        return message
-
-    return counted
+        return await _read_multipart(request, settings.max_image_bytes)
+    return _from_json(await read_json(request), settings.max_image_bytes)
 
 
 async def _read_multipart(request: Request, max_image_bytes: int) -> EditUpload:

@@ -226,7 +226,7 @@ def test_missing_prompt_is_a_400_on_prompt(fake_server: str) -> None:
 
 @pytest.fixture
 def small_limits_server(tmp_path: Path, fake_engine: FakeEngine) -> Iterator[str]:
-    settings = make_settings(tmp_path, max_image_bytes=20_000, max_upload_bytes=100_000)
+    settings = make_settings(tmp_path, max_image_bytes=20_000, max_body_bytes=100_000)
     with live_server(create_app(settings, fake_engine)) as url:
         yield url
 
