@@ -176,7 +176,10 @@ def test_streamed_img2img_previews_are_spread_over_the_steps_actually_run(
     assert len({image.tobytes() for image in images}) == 3
 
 
-def test_streamed_inpainting_previews_keep_the_unmasked_pixels(flux_server: str) -> None:
+@pytest.mark.parametrize("preview", ["linear", "vae"])
+def test_streamed_inpainting_previews_keep_the_unmasked_pixels(
+    flux_server: str, preview: str
+) -> None:
     box = (0, 0, 64, 96)
     smooth = noise_image((8, 6)).resize(SIZE, Image.Resampling.BICUBIC)  # JPEG keeps it well
     events = list(
@@ -188,13 +191,13 @@ def test_streamed_inpainting_previews_keep_the_unmasked_pixels(flux_server: str)
             stream=True,
             partial_images=1,
             output_format="png",
-            extra_body=FAST,
+            extra_body={**FAST, "preview": preview},
         )
     )
-    preview, completed = (pixels(decode_b64(event.b64_json)) for event in events)
+    partial, completed = (pixels(decode_b64(event.b64_json)) for event in events)
     assert np.abs(completed[:, 64:] - pixels(smooth)[:, 64:]).max() <= 2
     # Previews are JPEG: the kept half matches the input up to compression noise.
-    assert np.abs(preview[:, 72:] - pixels(smooth)[:, 72:]).mean() < 4
+    assert np.abs(partial[:, 72:] - pixels(smooth)[:, 72:]).mean() < 4
 
 
 def test_kontext_model_edits_by_reference_and_streams(kontext_server: str) -> None:
