@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -149,6 +150,8 @@ def create_app(
         status = engine.status
         body = {
             "status": status,
+            "replica": settings.replica_name,
+            "pid": os.getpid(),
             "model": engine.profile.model_id,
             "speedups": engine.profile.speedups,
         }
@@ -221,14 +224,19 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(IdentityHeadersMiddleware, replica_name=settings.replica_name)
     if settings.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_allow_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Last-Event-ID"],
-            expose_headers=["x-request-id", "retry-after", "retry-after-ms"],
+            expose_headers=[
+                "x-request-id",
+                "x-fluxstream-replica",
+                "retry-after",
+                "retry-after-ms",
+            ],
         )
     return app
 
@@ -260,11 +268,13 @@ async def _crash(request: Request, exc: Exception) -> Response:
     return error_response(ServerError("the server hit an internal error"))
 
 
-class RequestIdMiddleware:
-    """Adds `x-request-id` to every response (the client's own id if it sent one)."""
+class IdentityHeadersMiddleware:
+    """Adds `x-request-id` (the client's own id if it sent one) and `x-fluxstream-replica`
+    (which process answered, behind a load balancer) to every response."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, replica_name: str) -> None:
         self.app = app
+        self.replica = replica_name.encode("latin-1", "replace")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -280,6 +290,7 @@ class RequestIdMiddleware:
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id.encode("latin-1")),
+                    (b"x-fluxstream-replica", self.replica),
                 ]
             await send(message)
 

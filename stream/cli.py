@@ -12,6 +12,7 @@ import sys
 
 import uvicorn
 
+from pipeline.jobs import ImageEngine
 from stream.app import create_app
 from stream.auth import load_api_keys
 from stream.settings import Settings
@@ -25,24 +26,22 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     return Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
+class StartupError(Exception):
+    """The server cannot start; the message says why in one line."""
+
+
+def build_engine(settings: Settings) -> ImageEngine:
+    """Load the model and its checker as `settings` say; raises `StartupError`."""
     if settings.preview_decoder == "tiny" and settings.preview_tiny_vae is None:
-        print("fluxstream: --preview-decoder tiny needs --preview-tiny-vae", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+        raise StartupError("--preview-decoder tiny needs --preview-tiny-vae")
     # transformers announces at import time that torchvision is missing; it is not needed.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         load_api_keys(settings)
     except OSError as error:
-        print(
-            f"fluxstream: cannot read the API keys file {settings.api_keys_file}: {error.strerror}",
-            file=sys.stderr,
-        )
-        return 2
+        raise StartupError(
+            f"cannot read the API keys file {settings.api_keys_file}: {error.strerror}"
+        ) from None
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
     from pipeline.safety import SafetyCheckerLoadError, SafetySpec
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     try:
-        engine = create_flux_engine(
+        return create_flux_engine(
             spec,
             max_queued=settings.max_queued,
             warmup=settings.warmup,
@@ -82,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             max_run_s=settings.max_run_s,
         )
     except (ModelLoadError, SafetyCheckerLoadError) as error:
+        raise StartupError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine = build_engine(settings)
+    except StartupError as error:
         print(f"fluxstream: {error}", file=sys.stderr)
         return 2
     app = create_app(settings, engine)

@@ -6,6 +6,8 @@ limit and timeout is a named setting so that operators never have to edit code.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -146,6 +148,19 @@ class Settings(BaseSettings):
         (), description="origins allowed to call the API from a browser; none: CORS off"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    replica_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="names this process in the x-fluxstream-replica header",
+    )
+    replicas: int = Field(2, ge=1, description="serve-cluster: Ray Serve replicas")
+    autoscale_min_replicas: int = Field(1, ge=0, description="serve-cluster autoscaling floor")
+    autoscale_max_replicas: int | None = Field(
+        None, ge=1, description="serve-cluster: set to autoscale instead of fixed replicas"
+    )
+    autoscale_target_ongoing: float = Field(
+        2.0, gt=0, description="serve-cluster: ongoing requests per replica to aim for"
+    )
 
     @property
     def model_ids(self) -> tuple[str, ...]:

@@ -1,0 +1,130 @@
+"""`make serve-cluster`: the same app as Ray Serve replicas behind one HTTP endpoint.
+
+Each replica builds its own engine and the unchanged Starlette app (`create_app`), late, in
+the replica process, so nothing heavy is pickled. Ray's proxy routes requests; a replica
+takes at most as many requests as its engine admits (`max_ongoing_requests` = the running
+job + `max_queued`), so the router spreads load before any replica has to answer 429, and
+Ray's own bounded queue (`max_queued_requests`) answers 503 beyond that, which the SDKs
+retry. State that any replica must see (url results) lives in a shared store: the same
+`data_dir` on one machine, or Redis across machines.
+
+Who stops whom: SIGINT or SIGTERM to this process deletes the Serve application, shuts
+Serve down (replicas stop, the proxy frees the port) and, if this process started the Ray
+head, stops it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+APP_NAME = "fluxstream"
+
+
+class RayUnavailable(Exception):
+    """Ray Serve is not installed (`pip install -e '.[cluster]'`)."""
+
+
+def _serve() -> Any:
+    try:
+        from ray import serve
+    except ImportError as error:
+        raise RayUnavailable(
+            "Ray Serve is not installed; run `make serve-cluster` or pip install -e '.[cluster]'"
+        ) from error
+    return serve
+
+
+class FluxstreamReplica:
+    """One replica: its own engine on its own device, the unchanged app as ingress."""
+
+    def __init__(self, settings: Settings) -> None:
+        context = _serve().get_replica_context()
+        self.settings = settings.model_copy(update={"replica_name": context.replica_id.unique_id})
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from stream.app import create_app
+        from stream.cli import build_engine
+
+        return create_app(self.settings, build_engine(self.settings))
+
+
+def deployment_options(settings: Settings, gpus_per_replica: float) -> dict[str, Any]:
+    """Ray Serve options that follow the engine's own admission capacity."""
+    capacity = settings.max_queued + 1
+    options: dict[str, Any] = {
+        "name": APP_NAME,
+        "max_ongoing_requests": capacity,
+        "max_queued_requests": settings.max_queued * max(settings.replicas, 1),
+        "ray_actor_options": {"num_gpus": gpus_per_replica, "num_cpus": 0},
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 10,
+    }
+    if settings.autoscale_max_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.autoscale_min_replicas,
+            "max_replicas": settings.autoscale_max_replicas,
+            "target_ongoing_requests": settings.autoscale_target_ongoing,
+        }
+    else:
+        options["num_replicas"] = settings.replicas
+    return options
+
+
+def deploy(settings: Settings) -> None:
+    """Start (or join) Ray, then run the app with `settings.replicas` replicas; returns when
+    the application is ready."""
+    serve = _serve()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    deployment = serve.deployment(**deployment_options(settings, gpus))(
+        serve.ingress()(FluxstreamReplica)
+    )
+    serve.run(deployment.bind(settings), name=APP_NAME, route_prefix="/")
+
+
+def shutdown() -> None:
+    serve = _serve()
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stream.cli import load_settings
+
+    settings = load_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper())
+    try:
+        deploy(settings)
+    except RayUnavailable as error:
+        print(f"fluxstream: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"fluxstream: {settings.replicas} replicas serving at http://{settings.host}:{settings.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
