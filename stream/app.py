@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,7 +33,7 @@ from stream.errors import (
 )
 from stream.image_inputs import decode_upload
 from stream.job_service import JobService
-from stream.jobs import JobStore, MemoryJobStore
+from stream.jobs import JobStore
 from stream.limits import BodyLimitMiddleware
 from stream.metrics import Metrics, MetricsMiddleware
 from stream.openapi import Operation, openapi_document
@@ -47,7 +47,8 @@ from stream.params import (
 )
 from stream.serving import ImageService
 from stream.settings import Settings
-from stream.store import DiskResultStore, ResultStore
+from stream.state import build_stores
+from stream.store import ResultStore
 from stream.uploads import read_edit_upload, read_json
 from stream.webhooks import check_webhook_url
 
@@ -79,14 +80,11 @@ def create_app(
     store: ResultStore | None = None,
     job_store: JobStore | None = None,
 ) -> Starlette:
-    store = store or DiskResultStore(settings.data_dir, settings.url_ttl_s)
+    default_store, default_job_store = build_stores(settings)
+    store = store or default_store
     metrics = Metrics(engine.load)
     service = ImageService(settings, engine, store, metrics)
-    jobs = JobService(
-        service,
-        job_store
-        or MemoryJobStore(buffer_size=settings.job_event_buffer, retention_s=settings.job_ttl_s),
-    )
+    jobs = JobService(service, job_store or default_job_store)
 
     async def generations(request: Request) -> Response:
         plan = plan_generation(
@@ -108,7 +106,7 @@ def create_app(
         parsed = parse_generation_request(body)
         plan = plan_generation(parsed, settings, engine.profile)
         base_url = service.base_url(request)
-        record = jobs.submit(
+        record = await jobs.submit(
             plan,
             kind="image_generation",
             partial_images=parsed.partial_images or 0,
@@ -118,22 +116,22 @@ def create_app(
         return JSONResponse(jobs.snapshot(record, base_url), status_code=202)
 
     async def job(request: Request) -> Response:
-        record = jobs.get(request.path_params["job_id"])
+        record = await jobs.get(request.path_params["job_id"])
         return JSONResponse(jobs.snapshot(record, service.base_url(request)))
 
     async def cancel_job(request: Request) -> Response:
-        record = jobs.cancel(request.path_params["job_id"])
+        record = await jobs.cancel(request.path_params["job_id"])
         return JSONResponse(jobs.snapshot(record, service.base_url(request)))
 
     async def job_events(request: Request) -> Response:
-        frames = jobs.event_frames(request.path_params["job_id"], last_event_id(request))
+        frames = await jobs.event_frames(request.path_params["job_id"], last_event_id(request))
         return sse.event_stream(frames, keepalive_s=settings.keepalive_s, headers={})
 
     async def result_file(request: Request) -> Response:
-        stored = store.get(request.path_params["name"])
+        stored = await store.read(request.path_params["name"])
         if stored is None:
             raise NotFound("this image does not exist or has expired", code="not_found")
-        return FileResponse(stored.path, media_type=stored.media_type)
+        return Response(stored.data, media_type=stored.media_type)
 
     async def models(request: Request) -> Response:
         return JSONResponse(
@@ -247,7 +245,7 @@ def _model_card(model_id: str) -> dict[str, object]:
 
 async def _sweep_forever(store: ResultStore, jobs: JobService, interval_s: float) -> None:
     while True:
-        await anyio.to_thread.run_sync(store.sweep)
+        await store.sweep()
         await jobs.sweep()
         await anyio.sleep(interval_s)
 

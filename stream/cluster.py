@@ -86,7 +86,7 @@ def deploy(settings: Settings) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployment = serve.deployment(**deployment_options(settings, gpus))(

@@ -43,7 +43,7 @@ from pipeline.jobs import (
 )
 from stream import sse, webhooks
 from stream.errors import NotFound, ServiceUnavailable, error_body
-from stream.jobs import JobRecord, JobStore
+from stream.jobs import JobEvent, JobRecord, JobStore
 from stream.params import ImagePlan
 from stream.serving import ImageService, refusal
 from stream.watch import JobWatch
@@ -76,7 +76,7 @@ class JobService:
                 self._group = None
                 group.cancel_scope.cancel()
 
-    def submit(
+    async def submit(
         self,
         plan: ImagePlan,
         *,
@@ -95,8 +95,8 @@ class JobService:
         job = dataclasses.replace(plan.job, partial_images=partial_images)
         plan = dataclasses.replace(plan, job=job, partial_images=partial_images)
         handle = self.images.submit(plan)
-        record = self.store.create()
-        self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
+        record = await self.store.create()
+        await self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
         following = _Following(handle, anyio.CancelScope())
         self._following[record.id] = following
         self._group.start_soon(
@@ -104,23 +104,27 @@ class JobService:
         )
         return record
 
-    def get(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
+    async def get(self, job_id: str) -> JobRecord:
+        record = await self.store.get(job_id)
         if record is None:
             raise NotFound("this job does not exist or has expired", code="job_not_found")
         return record
 
-    def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job that has not finished; a finished job is left as it is."""
-        record = self.get(job_id)
+        record = await self.get(job_id)
+        if record.finished:
+            return record
+        # The terminal event in the store is what cancels: the replica running the job
+        # (this one or another, with a shared store) sees its next append refused.
+        await self.store.append(
+            job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
+        )
         following = self._following.get(job_id)
-        if following is not None and not record.finished:
-            self.store.append(
-                job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
-            )
+        if following is not None:
             following.handle.cancel()
             following.scope.cancel()
-        return record
+        return await self.get(job_id)
 
     def snapshot(self, record: JobRecord, base_url: str) -> dict[str, Any]:
         """What `GET /v1/images/jobs/{id}` answers, the 202 of submit, and the webhook body."""
@@ -138,9 +142,9 @@ class JobService:
             "error": record.error,
         }
 
-    def event_frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    async def event_frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
         """The job's events after `after` as SSE frames with ids; 404 before streaming."""
-        self.get(job_id)
+        await self.get(job_id)
         return self._frames(job_id, after)
 
     async def _frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
@@ -149,10 +153,10 @@ class JobService:
 
     async def sweep(self) -> int:
         """Drop jobs whose retention ran out, with their result files."""
-        gone = self.store.sweep(time.time())
+        gone = await self.store.sweep(time.time())
         names = [name for record in gone for name in record.files]
         for name in names:
-            await anyio.to_thread.run_sync(self.images.store.delete, name)
+            await self.images.store.delete(name)
         return len(gone)
 
     async def _follow(
@@ -169,7 +173,7 @@ class JobService:
                 await self._consume(job_id, following.handle, plan, kind, base_url)
         finally:
             del self._following[job_id]
-        record = self.store.get(job_id)
+        record = await self.store.get(job_id)
         if webhook_url is not None and record is not None:
             payload = self.snapshot(record, base_url)
             if not await webhooks.deliver(webhook_url, payload, self.settings):
@@ -182,32 +186,40 @@ class JobService:
         events = JobWatch(self.images.metrics, job_id, plan).events(handle)
         try:
             async for event in events:
+                recorded: JobEvent | None = None
                 if isinstance(event, Progress):
-                    append(
+                    recorded = await append(
                         job_id, "progress", {"step": event.step, "total_steps": event.total_steps}
                     )
                 elif isinstance(event, Preview):
-                    append(
+                    recorded = await append(
                         job_id,
                         "partial_image",
                         await self.images.partial_payload(event, plan, kind),
                     )
-                elif isinstance(event, Result):
+                if isinstance(event, Progress | Preview) and recorded is None:
+                    handle.cancel()  # finished elsewhere: cancelled through another replica
+                    return
+                if isinstance(event, Result):
                     files: list[str] = []
                     body = await self.images.result_body(event, plan, base_url, files)
                     data = {"id": job_id, "status": "completed", "result": body}
-                    append(job_id, "completed", data, tuple(files))
+                    await append(job_id, "completed", data, tuple(files))
         except JobCancelled:
-            append(job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled"))
+            await append(
+                job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
+            )
         except (ContentFiltered, JobRejected) as refused:
             error = refusal(refused, plan).body()["error"]
-            append(job_id, "failed", {"id": job_id, "status": "failed", "error": error})
+            await append(job_id, "failed", {"id": job_id, "status": "failed", "error": error})
         except EngineError as error:
             message = str(error) or "the image could not be generated"
-            append(job_id, "failed", _failure(job_id, "failed", message))
+            await append(job_id, "failed", _failure(job_id, "failed", message))
         except Exception:
             logger.exception("job %s failed while its results were prepared", job_id)
-            append(job_id, "failed", _failure(job_id, "failed", "the server hit an internal error"))
+            await append(
+                job_id, "failed", _failure(job_id, "failed", "the server hit an internal error")
+            )
 
 
 def _failure(job_id: str, status: str, message: str) -> dict[str, Any]:

@@ -58,15 +58,15 @@ class JobRecord:
 
 
 class JobStore(Protocol):
-    def create(self) -> JobRecord:
+    async def create(self) -> JobRecord:
         """A new queued record under a fresh, unguessable id."""
         ...
 
-    def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         """The record, or None if the id is unknown or the record's retention ran out."""
         ...
 
-    def append(
+    async def append(
         self, job_id: str, name: str, data: dict[str, Any], files: tuple[str, ...] = ()
     ) -> JobEvent | None:
         """Record an event, update the snapshot it implies, and wake the followers.
@@ -80,7 +80,7 @@ class JobStore(Protocol):
         the job's terminal event has been yielded."""
         ...
 
-    def sweep(self, now: float) -> list[JobRecord]:
+    async def sweep(self, now: float) -> list[JobRecord]:
         """Remove and return the records that finished more than the retention ago, and
         trim the buffers of the other finished ones to their terminal event."""
         ...
@@ -105,18 +105,18 @@ class MemoryJobStore:
         self.retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
 
-    def create(self) -> JobRecord:
+    async def create(self) -> JobRecord:
         record = JobRecord(id=f"imgjob_{secrets.token_urlsafe(18)}", created=int(time.time()))
         self._entries[record.id] = _Entry(record, collections.deque(maxlen=self.buffer_size))
         return record
 
-    def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         entry = self._entries.get(job_id)
         if entry is None or self._is_expired(entry.record, time.time()):
             return None
         return entry.record
 
-    def append(
+    async def append(
         self, job_id: str, name: str, data: dict[str, Any], files: tuple[str, ...] = ()
     ) -> JobEvent | None:
         entry = self._entries[job_id]
@@ -126,7 +126,7 @@ class MemoryJobStore:
         record.last_event_id += 1
         event = JobEvent(record.last_event_id, name, data)
         entry.buffer.append(event)
-        _apply(record, event, files)
+        apply_event(record, event, files)
         entry.changed.set()
         entry.changed = anyio.Event()
         return event
@@ -146,7 +146,7 @@ class MemoryJobStore:
                 return
             await changed.wait()
 
-    def sweep(self, now: float) -> list[JobRecord]:
+    async def sweep(self, now: float) -> list[JobRecord]:
         gone = [e.record for e in self._entries.values() if self._is_expired(e.record, now)]
         for record in gone:
             del self._entries[record.id]
@@ -161,7 +161,7 @@ class MemoryJobStore:
         return record.finished_at is not None and now - record.finished_at > self.retention_s
 
 
-def _apply(record: JobRecord, event: JobEvent, files: tuple[str, ...]) -> None:
+def apply_event(record: JobRecord, event: JobEvent, files: tuple[str, ...]) -> None:
     """The snapshot an event implies."""
     record.files += files
     if event.name == "progress":

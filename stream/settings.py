@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug, info, warning or error")
 
+    state_store: Literal["local", "redis"] = Field(
+        "local", description="where url results and jobs live: local disk/process, or Redis"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="with state_store=redis")
+    redis_prefix: str = Field("fluxstream", description="key prefix in Redis")
     replica_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="names this process in the x-fluxstream-replica header",

@@ -23,9 +23,23 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{20,64}\.(png|jpeg|webp|gif|avif)$")
 
 
 @dataclass(frozen=True)
-class StoredFile:
-    path: Path
+class StoredImage:
+    data: bytes
     media_type: str
+
+
+def is_valid_name(name: str) -> bool:
+    """Names are checked against a strict pattern before any lookup: no path tricks."""
+    return bool(_NAME.match(name))
+
+
+def media_type_of(name: str) -> str:
+    return MEDIA_TYPES[name.rsplit(".", 1)[1]]
+
+
+def new_name(output_format: str) -> str:
+    """An unguessable file name from a cryptographic random source."""
+    return f"{secrets.token_urlsafe(24)}.{output_format}"
 
 
 class ResultStore(Protocol):
@@ -33,15 +47,15 @@ class ResultStore(Protocol):
         """Store `data`; returns the file name under which it is served."""
         ...
 
-    def get(self, name: str) -> StoredFile | None:
-        """The stored file, or None if the name is unknown, malformed or expired."""
+    async def read(self, name: str) -> StoredImage | None:
+        """The stored image, or None if the name is unknown, malformed or expired."""
         ...
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         """Delete one stored file now (its job was dropped); unknown names are ignored."""
         ...
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
         """Delete expired files; returns how many were deleted."""
         ...
 
@@ -57,7 +71,7 @@ class DiskResultStore:
         root.mkdir(parents=True, exist_ok=True)
 
     async def put(self, data: bytes, output_format: str) -> str:
-        name = f"{secrets.token_urlsafe(24)}.{output_format}"
+        name = new_name(output_format)
         await anyio.to_thread.run_sync(self._write, name, data)
         return name
 
@@ -71,24 +85,30 @@ class DiskResultStore:
             Path(temporary).unlink(missing_ok=True)
             raise
 
-    def get(self, name: str) -> StoredFile | None:
-        if not _NAME.match(name):
+    async def read(self, name: str) -> StoredImage | None:
+        if not is_valid_name(name):
             return None
-        path = self.root / name
+        data = await anyio.to_thread.run_sync(self._read_fresh, self.root / name)
+        return None if data is None else StoredImage(data=data, media_type=media_type_of(name))
+
+    def _read_fresh(self, path: Path) -> bytes | None:
         try:
             age = time.time() - path.stat().st_mtime
+            if age <= self.ttl_s:
+                return path.read_bytes()
         except FileNotFoundError:
             return None
-        if age > self.ttl_s:
-            path.unlink(missing_ok=True)
-            return None
-        return StoredFile(path=path, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]])
+        path.unlink(missing_ok=True)
+        return None
 
-    def delete(self, name: str) -> None:
-        if _NAME.match(name):
-            (self.root / name).unlink(missing_ok=True)
+    async def delete(self, name: str) -> None:
+        if is_valid_name(name):
+            await anyio.to_thread.run_sync(lambda: (self.root / name).unlink(missing_ok=True))
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
+        return await anyio.to_thread.run_sync(self._sweep)
+
+    def _sweep(self) -> int:
         deleted = 0
         now = time.time()
         for path in self.root.iterdir():

@@ -1,0 +1,197 @@
+"""`python -m stream.cluster`: two Ray Serve replicas of the real app behind Ray's proxy.
+
+One cluster (a local Ray head, Redis for shared state, the embedded model) serves the whole
+module; starting it costs about half a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import sdk_client
+from tests.redis_server import redis_server
+from tests.test_jobs_api import events_of
+
+pytest.importorskip("ray.serve", reason="Ray Serve comes with the cluster extra")
+
+STEPS = {"num_inference_steps": 24}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the cluster did not become healthy (exit code {process.poll()})")
+
+
+class Cluster:
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def replica_pid(self, replica: str) -> int:
+        """Ask /health until the named replica answers; the router picks replicas at random."""
+        for _ in range(100):
+            health = httpx.get(f"{self.url}/health", timeout=5).json()
+            if health["replica"] == replica:
+                return int(health["pid"])
+        raise AssertionError(f"replica {replica} never answered /health")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    with redis_server() as redis_url:
+        command = [
+            sys.executable,
+            "-m",
+            "stream.cluster",
+            "--replicas",
+            "2",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(root / "cache"),
+            "--data-dir",
+            str(root / "images"),
+            "--state-store",
+            "redis",
+            "--redis-url",
+            redis_url,
+            "--no-warmup",
+        ]
+        environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        process = subprocess.Popen(command, env=environment, start_new_session=True)
+        running = Cluster(process, port)
+        try:
+            wait_healthy(running.url, process, timeout_s=240)
+            yield running
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_sdk_stream_through_the_proxy_delivers_previews_as_they_form(cluster: Cluster) -> None:
+    started = time.monotonic()
+    arrivals: list[tuple[str, float]] = []
+    for event in sdk_client(cluster.url).images.generate(
+        prompt="a lighthouse", size="256x256", stream=True, partial_images=3, extra_body=STEPS
+    ):
+        arrivals.append((event.type, time.monotonic() - started))
+    kinds = [kind for kind, _ in arrivals]
+    assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    first_preview, completed = arrivals[0][1], arrivals[-1][1]
+    # A proxy that buffered the response would deliver every event at the very end.
+    assert completed - first_preview > 0.3 * completed
+
+
+def test_concurrent_requests_are_spread_over_both_replicas_and_urls_work_anywhere(
+    cluster: Cluster,
+) -> None:
+    client = sdk_client(cluster.url)
+
+    def generate(index: int) -> tuple[str, str]:
+        response = client.images.with_raw_response.generate(
+            prompt=f"a fox {index}", size="128x128", extra_body={"num_inference_steps": 8}
+        )
+        url = response.parse().data[0].url  # type: ignore[index]
+        assert url is not None
+        return response.headers["x-fluxstream-replica"], url
+
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(generate, range(8)))
+    assert len({replica for replica, _ in served}) == 2
+    for _, url in served:
+        download = httpx.get(url, timeout=30)
+        assert download.status_code == 200 and download.content.startswith(b"\x89PNG")
+
+
+def test_job_started_through_one_replica_resumes_through_the_other(cluster: Cluster) -> None:
+    created = httpx.post(
+        f"{cluster.url}/v1/images/jobs",
+        json={"prompt": "a city", "size": "128x128", "partial_images": 2, **STEPS},
+        timeout=30,
+    )
+    assert created.status_code == 202
+    origin = created.headers["x-fluxstream-replica"]
+    job = created.json()
+    for _ in range(100):
+        with httpx.stream("GET", job["events_url"], timeout=60) as response:
+            if response.headers["x-fluxstream-replica"] != origin:
+                break
+    else:
+        raise AssertionError("the router never sent the events request to the other replica")
+    events = events_of(job["events_url"])
+    assert events[-1].name == "completed"
+    resumed = events_of(job["events_url"], headers={"Last-Event-ID": events[-2].id or ""})
+    assert [event.name for event in resumed] == ["completed"]
+
+
+def test_a_killed_replica_ends_its_stream_and_the_other_keeps_serving(cluster: Cluster) -> None:
+    body = {
+        "prompt": "a storm",
+        "size": "256x256",
+        "stream": True,
+        "partial_images": 3,
+        "num_inference_steps": 400,
+    }
+    ended_at = None
+    with httpx.stream(
+        "POST", f"{cluster.url}/v1/images/generations", json=body, timeout=60
+    ) as response:
+        victim = cluster.replica_pid(response.headers["x-fluxstream-replica"])
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        text = ""
+        try:
+            for chunk in response.iter_text():
+                text += chunk
+        except httpx.HTTPError:
+            pass  # a connection cut is a clean end too; a hang is what must not happen
+        ended_at = time.monotonic()
+    assert ended_at - killed_at < 30
+    assert "image_generation.completed" not in text
+    after = httpx.post(
+        f"{cluster.url}/v1/images/generations",
+        json={"prompt": "after", "size": "64x64", "num_inference_steps": 2},
+        timeout=60,
+    )
+    assert after.status_code == 200
+
+
+def test_stopping_the_cluster_frees_the_port(cluster: Cluster) -> None:
+    cluster.process.send_signal(signal.SIGTERM)
+    assert cluster.process.wait(timeout=90) == 0
+    assert port_is_free(cluster.port)

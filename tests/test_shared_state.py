@@ -1,0 +1,83 @@
+"""Two app replicas sharing Redis: any replica serves the urls and jobs of any other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stream.app import create_app
+from tests.conftest import make_settings
+from tests.fakes import FakeEngine
+from tests.redis_server import redis_server
+from tests.servers import live_server
+from tests.test_jobs_api import JOB, events_of, submit, wait_for
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[tuple[str, str, FakeEngine, FakeEngine]]:
+    """Replicas A and B: own engines, own data folders, one Redis."""
+    with redis_server() as url, ExitStack() as stack:
+        engines = FakeEngine(), FakeEngine()
+        bases = [
+            stack.enter_context(
+                live_server(
+                    create_app(
+                        make_settings(
+                            tmp_path / name,
+                            state_store="redis",
+                            redis_url=url,
+                            replica_name=name,
+                        ),
+                        engine,
+                    )
+                )
+            )
+            for name, engine in zip("AB", engines, strict=True)
+        ]
+        yield bases[0], bases[1], engines[0], engines[1]
+
+
+def test_url_result_made_by_one_replica_downloads_from_the_other(
+    replicas: tuple[str, str, FakeEngine, FakeEngine],
+) -> None:
+    a, b, _, _ = replicas
+    made = httpx.post(f"{a}/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+    assert made.headers["x-fluxstream-replica"] == "A"
+    url = made.json()["data"][0]["url"]
+    download = httpx.get(url.replace(a, b))
+    assert download.status_code == 200
+    assert download.headers["x-fluxstream-replica"] == "B"
+    assert download.content.startswith(b"\x89PNG")
+
+
+def test_job_started_on_one_replica_is_watched_and_resumed_on_the_other(
+    replicas: tuple[str, str, FakeEngine, FakeEngine],
+) -> None:
+    a, b, _, _ = replicas
+    job = submit(a)
+    wait_for(b, job["id"], "completed")
+    events = events_of(f"{b}/v1/images/jobs/{job['id']}/events")
+    assert events[0].name == "queued" and events[-1].name == "completed"
+    resumed = events_of(
+        f"{b}/v1/images/jobs/{job['id']}/events", headers={"Last-Event-ID": events[1].id or ""}
+    )
+    assert [event.id for event in resumed] == [event.id for event in events[2:]]
+    result = httpx.get(f"{b}/v1/images/jobs/{job['id']}").json()["result"]
+    assert httpx.get(result["data"][0]["url"].replace(a, b)).status_code == 200
+
+
+def test_cancel_through_another_replica_is_final_everywhere(
+    replicas: tuple[str, str, FakeEngine, FakeEngine],
+) -> None:
+    a, b, engine_a, _ = replicas
+    engine_a.release.clear()
+    job = submit(a, {**JOB, "partial_images": 0})
+    wait_for(a, job["id"], "in_progress")
+    assert httpx.delete(f"{b}/v1/images/jobs/{job['id']}").json()["status"] == "cancelled"
+    engine_a.release.set()
+    assert wait_for(a, job["id"], "cancelled")["result"] is None
+    assert events_of(f"{a}/v1/images/jobs/{job['id']}/events")[-1].name == "cancelled"
