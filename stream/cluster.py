@@ -15,11 +15,13 @@ head, stops it too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from stream.settings import Settings
@@ -103,26 +105,45 @@ def shutdown() -> None:
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def shared_state(settings: Settings) -> Iterator[Settings]:
+    """Settings whose state every replica shares: the given Redis, or else a private
+    `redis-server` for replicas on this machine (url files are shared through `data_dir`)."""
+    if settings.state_store == "redis":
+        yield settings
+        return
+    from stream.redis_state import local_redis_server
+
+    try:
+        with local_redis_server() as url:
+            yield settings.model_copy(update={"state_store": "redis", "redis_url": url})
+    except FileNotFoundError:
+        logger.warning("redis-server is not installed: each replica keeps its own jobs")
+        yield settings
+
+
 def main(argv: list[str] | None = None) -> int:
     from stream.cli import load_settings
 
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level.upper())
-    try:
-        deploy(settings)
-    except RayUnavailable as error:
-        print(f"fluxstream: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"fluxstream: {settings.replicas} replicas serving at http://{settings.host}:{settings.port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    shutdown()
+    with shared_state(settings) as shared:
+        try:
+            deploy(shared)
+        except RayUnavailable as error:
+            print(f"fluxstream: {error}", file=sys.stderr)
+            return 2
+        # After deploy: ray.init installs handlers of its own that would kill us unclean.
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        print(
+            f"fluxstream: {shared.replicas} replicas serving at http://{shared.host}:{shared.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop.wait()
+        shutdown()
     return 0
 
 
