@@ -46,8 +46,11 @@ PROFILE = ModelProfile(
 )
 
 
-def solid(size: tuple[int, int], value: int) -> Image.Image:
-    return Image.new("RGB", size, (value, 255 - value, 128))
+def picture(size: tuple[int, int], value: int) -> Image.Image:
+    """A picture that depends on `value` only, with gradients in it, so that encoders'
+    quality settings change its size as they would on a real image."""
+    ramp = Image.linear_gradient("L").resize(size)
+    return Image.merge("RGB", (ramp, ramp.rotate(90), Image.new("L", size, value)))
 
 
 def scripted_events(job: Job) -> list[Event | EngineError]:
@@ -57,9 +60,11 @@ def scripted_events(job: Job) -> list[Event | EngineError]:
         events.append(Progress(step, job.num_inference_steps))
         if step <= job.partial_images:
             events.append(
-                Preview(step - 1, step, job.num_inference_steps, solid(job.preview_size, 40 * step))
+                Preview(
+                    step - 1, step, job.num_inference_steps, picture(job.preview_size, 40 * step)
+                )
             )
-    images = tuple(solid((job.width, job.height), seed % 256) for seed in job.seeds)
+    images = tuple(picture((job.width, job.height), seed % 256) for seed in job.seeds)
     events.append(Result(images=images, seeds=job.seeds))
     return events
 
@@ -131,7 +136,7 @@ class FakeEngine:
 
 class StepRunner:
     """A model-free `Runner` for the real `ThreadedEngine`: one Progress per step, a
-    preview at the first steps, then solid images. Each step waits for `release` when it
+    preview at the first steps, then pictures. Each step waits for `release` when it
     is given (so a test can hold a job running) and then for `step_delay_s`."""
 
     profile = PROFILE
@@ -156,6 +161,6 @@ class StepRunner:
             self.steps_run += 1
             emit(Progress(step, job.num_inference_steps))
             if step <= job.partial_images:
-                emit(Preview(step - 1, step, job.num_inference_steps, solid(job.preview_size, 9)))
-        images = tuple(solid((job.width, job.height), seed % 256) for seed in job.seeds)
+                emit(Preview(step - 1, step, job.num_inference_steps, picture(job.preview_size, 9)))
+        images = tuple(picture((job.width, job.height), seed % 256) for seed in job.seeds)
         return Result(images=images, seeds=job.seeds)
