@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -48,8 +49,9 @@ class FluxstreamReplica:
     """One replica: its own engine on its own device, the unchanged app as ingress."""
 
     def __init__(self, settings: Settings) -> None:
-        context = _serve().get_replica_context()
-        self.settings = settings.model_copy(update={"replica_name": context.replica_id.unique_id})
+        replica_id = _serve().get_replica_context().replica_id.unique_id
+        name = f"{replica_id}@{socket.gethostname()}:{os.getpid()}"
+        self.settings = settings.model_copy(update={"replica_name": name})
 
     def __serve_build_asgi_app__(self) -> Any:
         from stream.app import create_app
