@@ -40,6 +40,7 @@ from stream.openapi import Operation, openapi_document
 from stream.params import (
     ImageEditRequest,
     ImageGenerationRequest,
+    ImagePlan,
     parse_generation_request,
     parse_request,
     plan_edit,
@@ -49,7 +50,7 @@ from stream.serving import ImageService
 from stream.settings import Settings
 from stream.state import build_stores
 from stream.store import ResultStore
-from stream.uploads import read_edit_upload, read_json
+from stream.uploads import EditUpload, read_edit_upload, read_json
 from stream.webhooks import check_webhook_url
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ async def read_json_object(request: Request) -> dict[str, object]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
+
+
+async def is_edit(request: Request) -> bool:
+    """Edits come as multipart forms, or as JSON that carries `images`."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return True
+    body = await read_json(request)
+    return isinstance(body, dict) and "images" in body
 
 
 def last_event_id(request: Request) -> int:
@@ -92,23 +101,31 @@ def create_app(
         )
         return await service.respond(request, plan, kind="image_generation")
 
-    async def edits(request: Request) -> Response:
-        upload = await read_edit_upload(request, settings)
+    async def edit_plan(upload: EditUpload) -> tuple[ImageEditRequest, ImagePlan]:
         edit_request = parse_request(upload.fields, ImageEditRequest)
         inputs = await decode_upload(upload, engine.profile.max_input_images, settings)
-        plan = plan_edit(edit_request, inputs, settings, engine.profile)
+        return edit_request, plan_edit(edit_request, inputs, settings, engine.profile)
+
+    async def edits(request: Request) -> Response:
+        _, plan = await edit_plan(await read_edit_upload(request, settings))
         return await service.respond(request, plan, kind="image_edit")
 
     async def create_job(request: Request) -> Response:
-        body = await read_json_object(request)
-        webhook_url = check_webhook_url(body.pop("webhook_url", None), settings)
-        body.pop("stream", None)  # a job streams through its events URL, whatever it asks
-        parsed = parse_generation_request(body)
-        plan = plan_generation(parsed, settings, engine.profile)
+        """A generation body, or an edit (multipart, or JSON with `images`), as a job."""
+        upload = await read_edit_upload(request, settings) if await is_edit(request) else None
+        fields = upload.fields if upload is not None else await read_json_object(request)
+        webhook_url = check_webhook_url(fields.pop("webhook_url", None), settings)
+        fields.pop("stream", None)  # a job streams through its events URL, whatever it asks
+        parsed: ImageGenerationRequest
+        if upload is None:
+            parsed = parse_generation_request(fields)
+            plan, kind = plan_generation(parsed, settings, engine.profile), "image_generation"
+        else:
+            (parsed, plan), kind = await edit_plan(upload), "image_edit"
         base_url = service.base_url(request)
         record = await jobs.submit(
             plan,
-            kind="image_generation",
+            kind=kind,
             partial_images=parsed.partial_images or 0,
             base_url=base_url,
             webhook_url=webhook_url,
@@ -175,7 +192,8 @@ def create_app(
         Operation(
             "POST",
             "/v1/images/jobs",
-            "the generations body (plus webhook_url) as a job; 202 at once",
+            "the generations body, or an edit (multipart or JSON with images), plus"
+            " webhook_url, as a job; 202 at once",
             body=ImageGenerationRequest,
         ),
         Operation("GET", "/v1/models", "the served model id and its aliases"),

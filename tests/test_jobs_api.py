@@ -3,6 +3,7 @@ webhooks. The scripted engine holds a job before its result when a test needs it
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from pipeline.jobs import ContentFiltered, JobFailed
 from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import FakeEngine
+from tests.images import encoded, noise_image
 from tests.servers import live_server, webhook_receiver
 
 JOB = {"prompt": "a lighthouse", "size": "64x64", "partial_images": 2}
@@ -267,3 +269,41 @@ def test_webhook_gets_the_final_job_after_a_failed_attempt(tmp_path: Path) -> No
     assert bodies[1]["id"] == job["id"]
     assert bodies[1]["status"] == "completed"
     assert bodies[1]["result"]["data"][0]["url"].startswith(url)
+
+
+def test_edit_upload_as_a_job_streams_image_edit_events(fake_server: str) -> None:
+    photo = encoded(noise_image((64, 64)), "PNG")
+    created = httpx.post(
+        f"{fake_server}/v1/images/jobs",
+        files=[("image[]", ("photo.png", photo, "application/octet-stream"))],
+        data={"prompt": "make it blue", "partial_images": "2", "strength": "0.5"},
+    )
+    assert created.status_code == 202, created.text
+    job = created.json()
+    events = events_of(job["events_url"])
+    partials = [event for event in events if event.name == "partial_image"]
+    assert [event.data["type"] for event in partials] == ["image_edit.partial_image"] * 2
+    assert events[-1].name == "completed"
+    assert wait_for(fake_server, job["id"], "completed")["result"]["data"][0]["url"]
+
+
+def test_json_edit_with_a_data_url_as_a_job_completes(fake_server: str) -> None:
+    photo = base64.b64encode(encoded(noise_image((64, 64)), "PNG")).decode()
+    job = submit(
+        fake_server,
+        {"prompt": "x", "images": [{"image_url": f"data:image/png;base64,{photo}"}]},
+    )
+    assert wait_for(fake_server, job["id"], "completed")["status"] == "completed"
+
+
+def test_bad_edit_upload_as_a_job_is_a_400_before_anything_is_queued(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    response = httpx.post(
+        f"{fake_server}/v1/images/jobs",
+        files=[("image", ("x.png", b"not an image", "image/png"))],
+        data={"prompt": "x"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "image"
+    assert fake_engine.jobs == []
