@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import threading
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pipeline.loading import ModelSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
 from tests.conftest import make_settings, sdk_client
+from tests.images import decode_b64, pixels
 from tests.servers import live_server
 
 
@@ -64,16 +64,6 @@ def flux_server(
         yield url
 
 
-def decode(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def test_stream_sends_k_partials_then_one_completed_with_images_of_the_requested_size(
     flux_server: str,
 ) -> None:
@@ -92,7 +82,7 @@ def test_stream_sends_k_partials_then_one_completed_with_images_of_the_requested
         "image_generation.completed"
     ]
     assert [e.partial_image_index for e in events[:3]] == [0, 1, 2]  # type: ignore[union-attr]
-    images = [decode(e.b64_json) for e in events]
+    images = [decode_b64(e.b64_json) for e in events]
     assert all(image.size == (512, 512) for image in images)
     distinct = {pixels(image).tobytes() for image in images}
     assert len(distinct) == 4, "partials must differ from each other and from the final image"
@@ -128,7 +118,7 @@ def test_stream_previews_with_the_requested_decoder_at_the_preview_size(
             extra_body={"num_inference_steps": 4, "preview": preview},
         )
     )
-    assert [decode(e.b64_json).size for e in events] == [(512, 256), (512, 256), (1024, 512)]
+    assert [decode_b64(e.b64_json).size for e in events] == [(512, 256), (512, 256), (1024, 512)]
 
 
 def test_plain_request_returns_the_same_final_image_as_the_stream_for_the_same_seed(
@@ -154,7 +144,9 @@ def test_plain_request_returns_the_same_final_image_as_the_stream_for_the_same_s
     )
     assert plain.data is not None and plain.data[0].b64_json is not None
     assert plain.size == "512x512"
-    assert np.array_equal(pixels(decode(plain.data[0].b64_json)), pixels(decode(streamed.b64_json)))
+    assert np.array_equal(
+        pixels(decode_b64(plain.data[0].b64_json)), pixels(decode_b64(streamed.b64_json))
+    )
     assert plain.data[0].model_extra == {"seed": 1234}
 
 
