@@ -95,4 +95,4 @@ def test_gpu_bench_runs_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
     assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
-    assert result["warmup_s"] > 0
+    assert result["warmup_s"] > 0 and result["first_after_ready_ratio"] > 0
