@@ -169,6 +169,7 @@ def create_app(
             "pid": os.getpid(),
             "model": engine.profile.model_id,
             "speedups": engine.profile.speedups,
+            "max_partial_images": settings.max_partial_images,
         }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 

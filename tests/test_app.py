@@ -141,3 +141,9 @@ def test_server_may_allow_more_partial_images_than_openai(tmp_path: Path) -> Non
         too_many = post(url, {"prompt": "x", "stream": True, "partial_images": 51})
     assert [event.type for event in events].count("image_generation.partial_image") == 7
     assert too_many.status_code == 400
+
+
+def test_health_tells_the_demo_page_how_many_previews_it_may_ask_for(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_partial_images=1)
+    with live_server(create_app(settings, FakeEngine())) as url:
+        assert httpx.get(f"{url}/health").json()["max_partial_images"] == 1

@@ -8,7 +8,8 @@ const STORE = {
   current: "fluxstream.currentJob",
   gallery: "fluxstream.gallery",
 };
-const PARTIAL_IMAGES = 3;
+// OpenAI's default range tops out at 3; a server may allow fewer (see /health).
+let partialImages = 3;
 const GALLERY_MAX = 48;
 const MAX_BLUR_PX = 6;
 
@@ -327,7 +328,7 @@ function requestBody(settings) {
     prompt: settings.prompt,
     aspect_ratio: settings.aspect,
     resolution: settings.resolution,
-    partial_images: PARTIAL_IMAGES,
+    partial_images: partialImages,
     response_format: "url",
   };
   if (settings.steps > 0) body.num_inference_steps = settings.steps;
@@ -397,6 +398,7 @@ async function showModel() {
   try {
     const health = await api("/health");
     $("model").textContent = health.model || "";
+    partialImages = Math.min(partialImages, health.max_partial_images ?? partialImages);
   } catch {
     // The model badge is decoration; the page works without it.
   }
