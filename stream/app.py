@@ -188,6 +188,7 @@ def create_app(
             "(or `image[]`) and `mask`; also JSON with data URLs in `images` and `mask`",
             body=ImageEditRequest,
             media_type="multipart/form-data",
+            files=("image", "image[]", "mask"),
             streams=True,
         ),
         Operation(

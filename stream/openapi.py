@@ -42,6 +42,7 @@ class Operation:
     body: type[BaseModel] | None = None
     media_type: str = "application/json"
     streams: bool = False
+    files: Sequence[str] = ()
 
 
 def openapi_document(
@@ -59,7 +60,9 @@ def openapi_document(
             schema = operation.body.model_json_schema(ref_template=REF)
             schemas.update(schema.pop("$defs", {}))
             schemas[operation.body.__name__] = schema
-            ref = {"$ref": REF.format(model=operation.body.__name__)}
+            ref: dict[str, Any] = {"$ref": REF.format(model=operation.body.__name__)}
+            if operation.files:
+                ref = {"allOf": [ref, _file_parts(operation.files)]}
             spec["requestBody"] = {
                 "required": True,
                 "content": {operation.media_type: {"schema": ref}},
@@ -74,6 +77,16 @@ def openapi_document(
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _file_parts(names: Sequence[str]) -> dict[str, Any]:
+    """Multipart file parts, which the pydantic models (fields only) do not describe."""
+    binary = {"type": "string", "format": "binary"}
+    properties = {
+        name: {"type": "array", "items": binary} if name.endswith("[]") else binary
+        for name in names
+    }
+    return {"type": "object", "properties": properties}
 
 
 def _operation_id(operation: Operation) -> str:

@@ -93,6 +93,16 @@ def test_openapi_document_describes_the_generation_request_model(fake_server: st
     assert {"size", "n", "stream", "partial_images", "seed"} <= set(model["properties"])
 
 
+def test_openapi_document_describes_the_edit_file_parts(fake_server: str) -> None:
+    document = httpx.get(f"{fake_server}/openapi.json").json()
+    body = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    model_ref, files = body["multipart/form-data"]["schema"]["allOf"]
+    assert model_ref["$ref"].endswith("/ImageEditRequest")
+    assert files["properties"]["image"] == {"type": "string", "format": "binary"}
+    assert files["properties"]["image[]"]["items"]["format"] == "binary"
+    assert files["properties"]["mask"]["format"] == "binary"
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_schemathesis_finds_no_5xx_and_only_openai_shaped_errors(
     tmp_path: Path, mode: GenerationMode
