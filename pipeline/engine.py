@@ -7,28 +7,39 @@ dedicated thread. Events cross to the asyncio loop of the caller with
 
 Who cancels whom:
 - the consumer stops iterating `events()` (client gone, send failed): the handle cancels
-  itself; a queued job leaves the queue at once, a running one stops at its next step;
+  itself; a queued job leaves the queue at once, a running one gets its `JobCancelled` at
+  once and its images are dropped, and the pipeline stops at its next step unless other
+  jobs of its batch still want theirs;
 - `aclose(grace_s)` (shutdown): new jobs are refused at once; accepted jobs get
   `grace_s` seconds to finish; then queued jobs fail with `EngineClosed`, the running one
   stops at its next step with `EngineClosed`, and the worker thread is joined;
 - the queue-wait limit: the waiting caller gives up, the ticket leaves the queue and
-  fails with `QueueTimeout`; the run-time limit: the worker stops the job at its next
-  step and fails it with `JobTimedOut`;
+  fails with `QueueTimeout`; the run-time limit: the worker stops the job (or batch) at
+  its next step and fails it with `JobTimedOut`;
 - the runner raises an `EngineError` (parameters rejected, every image flagged): the
   caller gets it as is;
 - the runner raises anything else: the job fails with a `JobFailed` whose message is safe for users,
   the traceback goes to the log, and the worker takes the next job.
+
+Batching: with `max_batch_size` above 1, the worker that takes a job also takes the queued
+jobs that can share its pipeline call (`shares_call`), oldest first, up to
+`max_batch_size` images in all, and runs them as one call. Each job keeps its own events,
+seeds and result; a job skipped over because it cannot share the call waits at most one
+batch longer. A batch of k jobs may run for k x `max_run_s` (each job's own allowance: a
+batch never times out where its jobs run one by one would not), and when it is stopped
+every job of it fails alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from pipeline.jobs import (
     EngineClosed,
@@ -65,6 +76,34 @@ class Runner(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchRunner(Runner, Protocol):
+    """A runner that can also run several jobs that share one call (see `shares_call`)."""
+
+    def run_batch(
+        self, jobs: Sequence[Job], emits: Sequence[Emit], stop_requested: StopRequested
+    ) -> list[Result | EngineError]:
+        """Run `jobs` as one pipeline call, emitting each job's events with its own emit;
+        one outcome per job; raise `JobCancelled` when asked to stop."""
+        ...
+
+
+def _call_shape(job: Job) -> Job:
+    """`job` without what may differ between jobs of one call: per image, or per job."""
+    return dataclasses.replace(job, prompt="", seeds=(), partial_images=0, safety_check=False)
+
+
+def shares_call(first: Job, other: Job) -> bool:
+    """Whether `other` may run in the same pipeline call as `first`: both text-to-image,
+    without pipeline keywords (some, like `prompt_2`, are per prompt), and alike in
+    everything but prompt, seeds, previews count and safety checking."""
+    return (
+        first.edit is None
+        and not first.pipeline_kwargs
+        and _call_shape(first) == _call_shape(other)
+    )
+
+
 class _Ticket:
     """A submitted job: the engine's side writes events, the caller's side reads them."""
 
@@ -81,6 +120,7 @@ class _Ticket:
         self._loop = loop
         self._inbox: asyncio.Queue[Event | EngineError] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._answered = threading.Lock()
         self._finished = False
         self._started = False
         self._queue_deadline = None if max_queue_wait_s is None else loop.time() + max_queue_wait_s
@@ -93,6 +133,17 @@ class _Ticket:
 
     def stop_requested(self) -> bool:
         return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        """Deliver `event` unless the job was already answered (a cancelled job of a batch
+        that goes on hears nothing more)."""
+        if not self._answered.locked():
+            self.deliver(event)
+
+    def finish(self, outcome: Result | EngineError) -> None:
+        """Deliver the job's one final outcome; later ones are dropped."""
+        if self._answered.acquire(blocking=False):
+            self.deliver(outcome)
 
     def deliver(self, item: Event | EngineError) -> None:
         """Thread-safe: hand one event (or the final error) to the caller's loop."""
@@ -145,15 +196,19 @@ class ThreadedEngine:
         warmup: Job | None = None,
         max_queue_wait_s: float | None = None,
         max_run_s: float | None = None,
+        max_batch_size: int = 1,
     ) -> None:
+        if max_batch_size > 1 and not isinstance(runner, BatchRunner):
+            raise TypeError("max_batch_size above 1 needs a runner with run_batch")
         self._runner = runner
         self._warmup = warmup
         self._status: EngineStatus = "warming" if warmup is not None else "ok"
         self._max_queued = max_queued
         self._max_queue_wait_s = max_queue_wait_s
         self._max_run_s = max_run_s
+        self._max_batch_size = max_batch_size
         self._pending: collections.deque[_Ticket] = collections.deque()
-        self._running: _Ticket | None = None
+        self._running: list[_Ticket] = []
         self._condition = threading.Condition()
         self._accepting = True
         self._closing = False
@@ -177,7 +232,7 @@ class ThreadedEngine:
 
     def load(self) -> EngineLoad:
         with self._condition:
-            return EngineLoad(queued=len(self._pending), running=int(self._running is not None))
+            return EngineLoad(queued=len(self._pending), running=len(self._running))
 
     def submit(self, job: Job) -> _Ticket:
         ticket = _Ticket(self, job, asyncio.get_running_loop(), self._max_queue_wait_s)
@@ -202,13 +257,13 @@ class ThreadedEngine:
             self._pending.clear()
             self._condition.notify_all()
         for ticket in abandoned:
-            ticket.deliver(EngineClosed("the server is shutting down"))
+            ticket.finish(EngineClosed("the server is shutting down"))
         await asyncio.to_thread(self._thread.join)
 
     def _wait_until_idle(self, timeout_s: float) -> None:
         with self._condition:
             self._condition.wait_for(
-                lambda: not self._pending and self._running is None, timeout=timeout_s
+                lambda: not self._pending and not self._running, timeout=timeout_s
             )
 
     def _estimated_wait_s(self, position: int) -> float:
@@ -223,9 +278,12 @@ class ThreadedEngine:
             self._announce_position(ticket, position)
 
     def _forget(self, ticket: _Ticket) -> None:
-        """Drop a cancelled ticket from the queue so it frees its place at once."""
-        if self._expire(ticket):
-            ticket.deliver(JobCancelled("the job was cancelled"))
+        """Answer a cancelled ticket at once: queued, it frees its place; running, its
+        images will be dropped (the runner stops when no job of the call is wanted)."""
+        with self._condition:
+            dropped = self._expire(ticket) or ticket in self._running
+        if dropped:
+            ticket.finish(JobCancelled("the job was cancelled"))
 
     def _expire(self, ticket: _Ticket) -> bool:
         """Remove `ticket` if it is still queued; False if the worker already took it."""
@@ -237,15 +295,30 @@ class ThreadedEngine:
             self._condition.notify_all()
             return True
 
-    def _next_ticket(self) -> _Ticket | None:
+    def _next_batch(self) -> list[_Ticket]:
+        """The oldest queued job and the queued jobs that share its call; empty on close."""
         with self._condition:
             while not self._pending and not self._closing:
                 self._condition.wait()
             if self._closing:
-                return None
-            self._running = self._pending.popleft()
+                return []
+            first = self._pending.popleft()
+            batch = [first, *self._companions(first)]
+            for ticket in batch[1:]:
+                self._pending.remove(ticket)
+            self._running = batch
             self._announce_positions()
-            return self._running
+            return batch
+
+    def _companions(self, first: _Ticket) -> list[_Ticket]:
+        """Queued tickets that can join `first`'s call, oldest first, while images fit."""
+        room = self._max_batch_size - first.job.num_images
+        taken = []
+        for ticket in self._pending:
+            if ticket.job.num_images <= room and shares_call(first.job, ticket.job):
+                taken.append(ticket)
+                room -= ticket.job.num_images
+        return taken
 
     def _warm_up(self, job: Job) -> None:
         """One throw-away generation first, so that no user request pays for compilation
@@ -263,33 +336,51 @@ class ThreadedEngine:
     def _work(self) -> None:
         if self._warmup is not None:
             self._warm_up(self._warmup)
-        while (ticket := self._next_ticket()) is not None:
-            started = time.monotonic()
-            deadline = None if self._max_run_s is None else started + self._max_run_s
-
-            def stop_requested(ticket: _Ticket = ticket, deadline: float | None = deadline) -> bool:
-                over_time = deadline is not None and time.monotonic() > deadline
-                return ticket.stop_requested() or self._closing or over_time
-
-            ticket.deliver(Started(queue_wait_s=started - ticket.submitted_at))
+        while batch := self._next_batch():
             try:
-                result = self._runner.run(ticket.job, ticket.deliver, stop_requested)
-            except JobCancelled as cancelled:
-                ticket.deliver(self._why_stopped(ticket, cancelled))
-            except EngineError as refused:
-                # Rejected parameters, all images flagged: the runner's own words.
-                ticket.deliver(refused)
-            except Exception:
-                logger.exception("job failed")
-                ticket.deliver(JobFailed("the image could not be generated"))
-            else:
-                ticket.deliver(result)
-                elapsed = time.monotonic() - started
-                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+                self._run(batch)
             finally:
                 with self._condition:
-                    self._running = None
+                    self._running = []
                     self._condition.notify_all()
+
+    def _run(self, batch: list[_Ticket]) -> None:
+        """Run one pipeline call for `batch` and answer each of its jobs."""
+        started = time.monotonic()
+        allowed = None if self._max_run_s is None else self._max_run_s * len(batch)
+
+        def stop_requested() -> bool:
+            over_time = allowed is not None and time.monotonic() - started > allowed
+            wanted = any(not ticket.stop_requested() for ticket in batch)
+            return not wanted or self._closing or over_time
+
+        for ticket in batch:
+            ticket.emit(Started(queue_wait_s=started - ticket.submitted_at))
+        outcomes: Sequence[Result | EngineError]
+        try:
+            outcomes = self._call(batch, stop_requested)
+        except JobCancelled as cancelled:
+            outcomes = [self._why_stopped(ticket, cancelled) for ticket in batch]
+        except EngineError as refused:
+            # Rejected parameters, all images flagged: the runner's own words.
+            outcomes = [refused] * len(batch)
+        except Exception:
+            logger.exception("job failed")
+            outcomes = [JobFailed("the image could not be generated")] * len(batch)
+        else:
+            elapsed_per_job = (time.monotonic() - started) / len(batch)
+            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed_per_job
+        for ticket, outcome in zip(batch, outcomes, strict=True):
+            ticket.finish(outcome)
+
+    def _call(
+        self, batch: list[_Ticket], stop_requested: StopRequested
+    ) -> Sequence[Result | EngineError]:
+        if len(batch) == 1:
+            return [self._runner.run(batch[0].job, batch[0].emit, stop_requested)]
+        assert isinstance(self._runner, BatchRunner)  # checked in __init__
+        jobs = [ticket.job for ticket in batch]
+        return self._runner.run_batch(jobs, [ticket.emit for ticket in batch], stop_requested)
 
     def _why_stopped(self, ticket: _Ticket, cancelled: JobCancelled) -> EngineError:
         if ticket.stop_requested():

@@ -79,6 +79,7 @@ def create_flux_engine(
     safety: SafetySpec | None = None,
     max_queue_wait_s: float | None = None,
     max_run_s: float | None = None,
+    max_batch_size: int = 1,
 ) -> ThreadedEngine:
     runner = create_flux_runner(spec, safety)
     return ThreadedEngine(
@@ -87,4 +88,5 @@ def create_flux_engine(
         warmup=warmup_job(runner.profile) if warmup else None,
         max_queue_wait_s=max_queue_wait_s,
         max_run_s=max_run_s,
+        max_batch_size=max_batch_size,
     )

@@ -4,12 +4,17 @@ A job with edit inputs runs on the edit pipeline of its mode (see `pipeline.edit
 step callback, previews, speed-ups, safety checks and cancellation are the same in every
 mode, and previews are spread over the steps the pipeline actually runs (img2img runs
 fewer, by `strength`).
+
+Several text-to-image jobs that share a call (`pipeline.engine.shares_call`) run as one
+batch: one prompt and one generator per image, so each image depends only on its own
+prompt and seed; each job hears every step, gets previews of its own first image, and is
+safety-checked on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +32,7 @@ from pipeline.edits import PreparedEdit, edit_pipelines
 from pipeline.engine import Emit, StopRequested
 from pipeline.jobs import (
     ContentFiltered,
+    EngineError,
     Job,
     JobCancelled,
     JobRejected,
@@ -97,19 +103,42 @@ class FluxRunner:
         )
 
     def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
-        check = self._safety_checker if job.safety_check else None
-        speedup = plan_speedup(job, self._thresholds, self._profile.speedups)
-        edit = None if job.edit is None else PreparedEdit.of(job.edit, (job.width, job.height))
+        (outcome,) = self.run_batch((job,), (emit,), stop_requested)
+        if isinstance(outcome, EngineError):
+            raise outcome
+        return outcome
+
+    def run_batch(
+        self, jobs: Sequence[Job], emits: Sequence[Emit], stop_requested: StopRequested
+    ) -> list[Result | EngineError]:
+        first = jobs[0]
+        speedup = plan_speedup(first, self._thresholds, self._profile.speedups)
+        edit = (
+            None if first.edit is None else PreparedEdit.of(first.edit, (first.width, first.height))
+        )
         if edit is not None and edit.strength == 0:
             # Zero denoising steps: diffusers refuses them, and the answer is the input.
-            images = (edit.image,) * job.num_images
+            images = (edit.image,) * first.num_images
         else:
-            images = self._denoise(job, edit, speedup, check, emit, stop_requested)
+            images = self._denoise(jobs, edit, speedup, emits, stop_requested)
+        outcomes: list[Result | EngineError] = []
+        for job, start in zip(jobs, _first_images(jobs), strict=True):
+            outcomes.append(self._checked(job, images[start : start + job.num_images], speedup))
+        return outcomes
+
+    def _checker(self, job: Job) -> SafetyChecker | None:
+        return self._safety_checker if job.safety_check else None
+
+    def _checked(
+        self, job: Job, images: tuple[Image.Image, ...], speedup: AppliedSpeedup
+    ) -> Result | EngineError:
+        """The job's result, without the images its safety check flags."""
         seeds = job.seeds
+        check = self._checker(job)
         if check is not None:
             verdicts = check.flagged(images)
             if all(verdicts):
-                raise ContentFiltered("every image was flagged by the safety checker")
+                return ContentFiltered("every image was flagged by the safety checker")
             kept = [(i, s) for i, s, bad in zip(images, seeds, verdicts, strict=True) if not bad]
             images, seeds = tuple(i for i, _ in kept), tuple(s for _, s in kept)
         return Result(
@@ -122,16 +151,16 @@ class FluxRunner:
 
     def _denoise(
         self,
-        job: Job,
+        jobs: Sequence[Job],
         edit: PreparedEdit | None,
         speedup: AppliedSpeedup,
-        check: SafetyChecker | None,
-        emit: Emit,
+        emits: Sequence[Emit],
         stop_requested: StopRequested,
     ) -> tuple[Image.Image, ...]:
-        """Run the pipeline of the job's mode, emitting progress and previews."""
+        """Run the pipeline of the jobs' mode, emitting progress and previews to each job."""
         observed: list[StepObservation] = []
-        previews_sent = 0
+        previews_sent = [0] * len(jobs)
+        firsts = _first_images(jobs)
         started = False
 
         def remember(seen: StepObservation) -> None:
@@ -140,34 +169,37 @@ class FluxRunner:
         def on_step_end(
             pipeline: FluxPipeline, index: int, timestep: Any, tensors: dict[str, Any]
         ) -> dict[str, Any]:
-            nonlocal previews_sent, started
+            nonlocal started
             started = True
             # Raising here stops the loop before the next transformer call and before the
             # VAE decode; `pipe._interrupt` would still decode.
             if stop_requested():
                 raise JobCancelled("the job was cancelled")
             step, total = index + 1, pipeline.num_timesteps
-            emit(Progress(step=step, total_steps=total))
-            if step in preview_steps(total, job.partial_images) and observed:
-                image = self._preview(observed[-1], job, edit)
-                # A preview the checker flags is dropped: fewer partials are legal.
-                if check is None or not check.flagged([image])[0]:
-                    emit(Preview(previews_sent, step, total, image))
-                    previews_sent += 1
+            for k, (job, emit) in enumerate(zip(jobs, emits, strict=True)):
+                emit(Progress(step=step, total_steps=total))
+                if step in preview_steps(total, job.partial_images) and observed:
+                    image = self._preview(observed[-1], firsts[k], job, edit)
+                    # A preview the checker flags is dropped: fewer partials are legal.
+                    check = self._checker(job)
+                    if check is None or not check.flagged([image])[0]:
+                        emit(Preview(previews_sent[k], step, total, image))
+                        previews_sent[k] += 1
             return {}
 
         apply_speedup(self._pipe.transformer, speedup)
         # One generator per image: image i depends only on seeds[i], so it can be
         # reproduced alone with n=1 and that seed.
-        generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
+        seeds = [seed for job in jobs for seed in job.seeds]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        passed = jobs[0].pipeline_kwargs
         try:
-            output = self._call(job, edit, generators, on_step_end, remember)
+            output = self._call(jobs, edit, generators, on_step_end, remember)
         except (TypeError, ValueError) as error:
-            if started or not job.pipeline_kwargs:
+            if started or not passed:
                 raise
             raise JobRejected(
-                f"the pipeline rejected the passed-through parameters "
-                f"{', '.join(sorted(job.pipeline_kwargs))}"
+                f"the pipeline rejected the passed-through parameters {', '.join(sorted(passed))}"
             ) from error
         if edit is None:
             return tuple(output.images)
@@ -175,14 +207,21 @@ class FluxRunner:
 
     def _call(
         self,
-        job: Job,
+        jobs: Sequence[Job],
         edit: PreparedEdit | None,
         generators: list[torch.Generator],
         on_step_end: Any,
         remember: Any,
     ) -> Any:
+        job = jobs[0]
         pipe: Any = self._pipe
         arguments: dict[str, Any] = {}
+        # One job: its prompt is encoded once and repeated for its n images. A batch: one
+        # prompt per image, in the order of the generators.
+        prompt: str | list[str] = job.prompt
+        per_prompt = job.num_images
+        if len(jobs) > 1:
+            prompt, per_prompt = [j.prompt for j in jobs for _ in j.seeds], 1
         if edit is not None:
             pipe = self.edit_pipe(edit.mask is not None)
             arguments = edit.arguments(kontext=self._kontext)
@@ -194,12 +233,12 @@ class FluxRunner:
             self._pipe.transformer.cache_context("cond"),
         ):
             return pipe(
-                prompt=job.prompt,
+                prompt=prompt,
                 width=job.width,
                 height=job.height,
                 num_inference_steps=job.num_inference_steps,
                 guidance_scale=job.guidance_scale,
-                num_images_per_prompt=job.num_images,
+                num_images_per_prompt=per_prompt,
                 generator=generators,
                 callback_on_step_end=on_step_end,
                 output_type="pil",
@@ -207,10 +246,22 @@ class FluxRunner:
                 **job.pipeline_kwargs,
             )
 
-    def _preview(self, seen: StepObservation, job: Job, edit: PreparedEdit | None) -> Image.Image:
-        clean = seen.predicted_clean()[:1]
+    def _preview(
+        self, seen: StepObservation, image_index: int, job: Job, edit: PreparedEdit | None
+    ) -> Image.Image:
+        """A preview of image `image_index` of the call, as `job` asks for it."""
+        clean = seen.predicted_clean()[image_index : image_index + 1]
         latents = self._pipe._unpack_latents(
             clean, job.height, job.width, self._pipe.vae_scale_factor
         )
         preview = self._decoders[job.preview_decoder].decode(latents[0], job.preview_size)
         return preview if edit is None else edit.keep_unmasked(preview)
+
+
+def _first_images(jobs: Sequence[Job]) -> list[int]:
+    """Where each job's images start in the call's batch of images."""
+    starts, total = [], 0
+    for job in jobs:
+        starts.append(total)
+        total += job.num_images
+    return starts

@@ -79,6 +79,7 @@ def build_engine(settings: Settings) -> ImageEngine:
             safety=safety,
             max_queue_wait_s=settings.max_queue_wait_s,
             max_run_s=settings.max_run_s,
+            max_batch_size=settings.max_batch_size,
         )
     except (ModelLoadError, SafetyCheckerLoadError) as error:
         raise StartupError(str(error)) from None

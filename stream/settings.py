@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     max_run_s: float | None = Field(
         None, gt=0, description="a job running longer than this is stopped; null: no limit"
     )
+    max_batch_size: int = Field(
+        1,
+        ge=1,
+        description="images per pipeline call when compatible queued text-to-image requests "
+        "run together; 1: no batching",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long accepted jobs may still run"
     )

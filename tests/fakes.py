@@ -135,9 +135,10 @@ class FakeEngine:
 
 
 class StepRunner:
-    """A model-free `Runner` for the real `ThreadedEngine`: one Progress per step, a
+    """A model-free `BatchRunner` for the real `ThreadedEngine`: one Progress per step, a
     preview at the first steps, then pictures. Each step waits for `release` when it
-    is given (so a test can hold a job running) and then for `step_delay_s`."""
+    is given (so a test can hold a job running) and then for `step_delay_s`. `calls`
+    lists the jobs of each call, in order."""
 
     profile = PROFILE
 
@@ -148,19 +149,34 @@ class StepRunner:
         self.fail = fail
         self.step_delay_s = step_delay_s
         self.steps_run = 0
+        self.calls: list[list[Job]] = []
 
     def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
+        (result,) = self.run_batch([job], [emit], stop_requested)
+        return result
+
+    def run_batch(
+        self, jobs: Sequence[Job], emits: Sequence[Emit], stop_requested: StopRequested
+    ) -> list[Result]:
+        self.calls.append(list(jobs))
         if self.fail:
             raise RuntimeError("/secret/path exploded")
-        for step in range(1, job.num_inference_steps + 1):
+        total = jobs[0].num_inference_steps
+        for step in range(1, total + 1):
             if self.release is not None:
                 self.release.wait(timeout=10)
             time.sleep(self.step_delay_s)
             if stop_requested():
                 raise JobCancelled("cancelled")
             self.steps_run += 1
-            emit(Progress(step, job.num_inference_steps))
-            if step <= job.partial_images:
-                emit(Preview(step - 1, step, job.num_inference_steps, picture(job.preview_size, 9)))
-        images = tuple(picture((job.width, job.height), seed % 256) for seed in job.seeds)
-        return Result(images=images, seeds=job.seeds)
+            for job, emit in zip(jobs, emits, strict=True):
+                emit(Progress(step, total))
+                if step <= job.partial_images:
+                    emit(Preview(step - 1, step, total, picture(job.preview_size, 9)))
+        return [
+            Result(
+                images=tuple(picture((job.width, job.height), seed % 256) for seed in job.seeds),
+                seeds=job.seeds,
+            )
+            for job in jobs
+        ]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 
 import pytest
 
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import (
+    EditInputs,
     EngineClosed,
     Job,
     JobCancelled,
     JobFailed,
     JobTimedOut,
+    Preview,
     Progress,
     Queued,
     QueueFull,
@@ -22,7 +25,7 @@ from pipeline.jobs import (
     Result,
     Started,
 )
-from tests.fakes import StepRunner
+from tests.fakes import StepRunner, picture
 
 
 def job(steps: int = 3) -> Job:
@@ -197,3 +200,146 @@ async def test_close_after_the_grace_stops_the_running_job_with_engine_closed() 
     await engine.aclose(grace_s=0.05)
     with pytest.raises(EngineClosed):
         [event async for event in running.events()]
+
+
+async def queued_behind_a_held_job(
+    engine: ThreadedEngine, release: threading.Event, *jobs: Job
+) -> list[object]:
+    """Submit `jobs` while the worker is held on a first job, so that they all wait in the
+    queue together, then let the worker go; each job's events, or the error it ended with."""
+    engine.submit(job(1))
+    await asyncio.sleep(0.05)  # the worker holds the first job; the others queue behind it
+    handles = [engine.submit(each) for each in jobs]
+    release.set()
+    outcomes: list[object] = []
+    for handle in handles:
+        try:
+            outcomes.append([event async for event in handle.events()])
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def prompts_of_calls(runner: StepRunner) -> list[list[str]]:
+    return [[each.prompt for each in call] for call in runner.calls[1:]]
+
+
+async def test_compatible_queued_jobs_share_one_call_and_keep_their_own_events() -> None:
+    release = threading.Event()
+    runner = StepRunner(release)
+    engine = ThreadedEngine(runner, max_queued=4, max_batch_size=4)
+    first = dataclasses.replace(job(3), prompt="a", seeds=(1, 2), partial_images=1)
+    second = dataclasses.replace(job(3), prompt="b", seeds=(7,), partial_images=2)
+    a_events, b_events = await queued_behind_a_held_job(engine, release, first, second)
+    assert prompts_of_calls(runner) == [["a", "b"]]
+    for events, the_job in ((a_events, first), (b_events, second)):
+        assert isinstance(events, list)
+        assert sum(isinstance(event, Started) for event in events) == 1
+        assert [e.step for e in events if isinstance(e, Progress)] == [1, 2, 3]
+        assert len([e for e in events if isinstance(e, Preview)]) == the_job.partial_images
+        assert events[-1].seeds == the_job.seeds
+        assert [image.tobytes() for image in events[-1].images] == [
+            picture((16, 16), seed).tobytes() for seed in the_job.seeds
+        ]
+    await engine.aclose()
+
+
+async def test_jobs_that_cannot_share_a_call_run_in_their_own() -> None:
+    release = threading.Event()
+    runner = StepRunner(release)
+    engine = ThreadedEngine(runner, max_queued=16, max_batch_size=8)
+    base = job(3)
+    edit = EditInputs(images=(picture((16, 16), 1),))
+    others = {
+        "size": dataclasses.replace(base, width=32),
+        "steps": dataclasses.replace(base, num_inference_steps=4),
+        "guidance": dataclasses.replace(base, guidance_scale=2.0),
+        "mode": dataclasses.replace(base, edit=edit),
+        "keywords": dataclasses.replace(base, pipeline_kwargs={"true_cfg_scale": 2.0}),
+        "accel": dataclasses.replace(base, acceleration="high"),
+        "decoder": dataclasses.replace(base, preview_decoder="vae"),
+    }
+    queued = [dataclasses.replace(base, prompt="first")]
+    queued += [dataclasses.replace(each, prompt=name) for name, each in others.items()]
+    queued.append(dataclasses.replace(base, prompt="last", seeds=(5,), safety_check=True))
+    await queued_behind_a_held_job(engine, release, *queued)
+    # The last one shares the first one's call, ahead of the others; each other runs alone.
+    assert prompts_of_calls(runner) == [["first", "last"], *([name] for name in others)]
+    await engine.aclose()
+
+
+async def test_a_call_never_holds_more_images_than_the_batch_size() -> None:
+    release = threading.Event()
+    runner = StepRunner(release)
+    engine = ThreadedEngine(runner, max_queued=8, max_batch_size=3)
+    sizes = [2, 2, 1, 1, 3, 1]
+    jobs = [dataclasses.replace(job(1), prompt=str(i), seeds=(0,) * n) for i, n in enumerate(sizes)]
+    await queued_behind_a_held_job(engine, release, *jobs)
+    assert prompts_of_calls(runner) == [["0", "2"], ["1", "3"], ["4"], ["5"]]
+    await engine.aclose()
+
+
+async def test_batch_size_one_runs_every_job_alone_as_before() -> None:
+    release = threading.Event()
+    runner = StepRunner(release)
+    engine = ThreadedEngine(runner, max_queued=4)
+    outcomes = await queued_behind_a_held_job(engine, release, job(), job(), job())
+    assert [len(call) for call in runner.calls] == [1, 1, 1, 1]
+    assert all(isinstance(events[-1], Result) for events in outcomes)  # type: ignore[index]
+    await engine.aclose()
+
+
+async def test_a_job_cancelled_in_a_batch_ends_at_once_and_the_others_finish() -> None:
+    runner = StepRunner(step_delay_s=0.01)
+    engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
+    blocker = engine.submit(job(5))
+    leaving, staying = engine.submit(job(100)), engine.submit(job(100))
+    async for event in leaving.events():
+        if isinstance(event, Progress):
+            break  # the batch runs; the client of `leaving` goes away
+    with pytest.raises(JobCancelled):
+        [event async for event in leaving.events()]
+    assert runner.steps_run < 5 + 100  # answered while its batch still runs
+    events = [event async for event in staying.events()]
+    assert [e.step for e in events if isinstance(e, Progress)] == list(range(1, 101))
+    assert isinstance(events[-1], Result)
+    assert [len(call) for call in runner.calls] == [1, 2]
+    assert isinstance([e async for e in blocker.events()][-1], Result)
+    await engine.aclose()
+
+
+async def test_a_batch_whose_jobs_are_all_cancelled_stops_at_its_next_step() -> None:
+    runner = StepRunner(step_delay_s=0.01)
+    engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
+    engine.submit(job(1))
+    handles = [engine.submit(job(1000)), engine.submit(job(1000))]
+    async for event in handles[0].events():
+        if isinstance(event, Progress):
+            break
+    handles[1].cancel()
+    steps_at_cancel = runner.steps_run
+    await asyncio.sleep(0.3)
+    assert runner.steps_run <= steps_at_cancel + 1
+    assert isinstance((await collect(engine, job(1)))[-1], Result)
+    await engine.aclose()
+
+
+async def test_a_batch_that_runs_too_long_times_out_every_job_of_it() -> None:
+    release = threading.Event()
+    runner = StepRunner(release, step_delay_s=0.01)
+    engine = ThreadedEngine(runner, max_queued=4, max_run_s=0.05, max_batch_size=2)
+    outcomes = await queued_behind_a_held_job(engine, release, job(1000), job(1000))
+    assert [type(outcome) for outcome in outcomes] == [JobTimedOut, JobTimedOut]
+    assert [len(call) for call in runner.calls] == [1, 2]
+    await engine.aclose()
+
+
+def test_batching_needs_a_runner_that_can_run_batches() -> None:
+    class SingleRunner:
+        profile = StepRunner.profile
+
+        def run(self, the_job: Job, emit: object, stop_requested: object) -> Result:
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError):
+        ThreadedEngine(SingleRunner(), max_queued=1, max_batch_size=2)  # type: ignore[arg-type]
