@@ -294,9 +294,10 @@ async def test_a_job_cancelled_in_a_batch_ends_at_once_and_the_others_finish() -
     engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
     blocker = engine.submit(job(5))
     leaving, staying = engine.submit(job(100)), engine.submit(job(100))
-    async for event in leaving.events():
-        if isinstance(event, Progress):
-            break  # the batch runs; the client of `leaving` goes away
+    async with contextlib.aclosing(leaving.events()) as events:
+        async for event in events:
+            if isinstance(event, Progress):
+                break  # the batch runs; the client of `leaving` goes away
     with pytest.raises(JobCancelled):
         [event async for event in leaving.events()]
     assert runner.steps_run < 5 + 100  # answered while its batch still runs
@@ -313,9 +314,10 @@ async def test_a_batch_whose_jobs_are_all_cancelled_stops_at_its_next_step() -> 
     engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
     engine.submit(job(1))
     handles = [engine.submit(job(1000)), engine.submit(job(1000))]
-    async for event in handles[0].events():
-        if isinstance(event, Progress):
-            break
+    async with contextlib.aclosing(handles[0].events()) as events:
+        async for event in events:
+            if isinstance(event, Progress):
+                break
     handles[1].cancel()
     steps_at_cancel = runner.steps_run
     await asyncio.sleep(0.3)
