@@ -8,6 +8,9 @@ Ray's own bounded queue (`max_queued_requests`) answers 503 beyond that, which t
 retry. State that any replica must see (url results) lives in a shared store: the same
 `data_dir` on one machine, or Redis across machines.
 
+A replica that dies mid-stream cannot send the `error` frame its clients are owed, so the
+proxy runs `stream.proxy_guard`, which ends such streams with one.
+
 Who stops whom: SIGINT or SIGTERM to this process deletes the Serve application, shuts
 Serve down (replicas stop, the proxy frees the port) and, if this process started the Ray
 head, stops it too.
@@ -29,6 +32,8 @@ from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 APP_NAME = "fluxstream"
+PROXY_CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "stream.proxy_guard.proxy_middlewares"
 
 
 class RayUnavailable(Exception):
@@ -89,6 +94,9 @@ def deploy(settings: Settings) -> None:
     serve = _serve()
     import ray
 
+    # Read by the HTTP proxy that this process's Ray head starts; on a cluster started
+    # with `ray start`, set it there (see README, Scaling out).
+    os.environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
