@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_cluster import free_port, wait_healthy
+from tests.servers import free_port, wait_healthy
 
 
 @contextmanager

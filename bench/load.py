@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tests.servers import free_port, wait_healthy
 
 GENERATIONS = "/v1/images/generations"
 
@@ -115,12 +116,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     scratch = Path(tempfile.mkdtemp(prefix="fluxstream-load-"))
@@ -131,16 +126,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
     ]  # fmt: skip
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
-        time.sleep(0.2)
+    wait_healthy(url, process, timeout_s=300)
+    return process, url
 
 
 def percentile(values: list[float], share: float) -> float:

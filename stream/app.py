@@ -33,7 +33,6 @@ from stream.errors import (
 )
 from stream.image_inputs import decode_upload
 from stream.job_service import JobService
-from stream.jobs import JobStore
 from stream.limits import BodyLimitMiddleware
 from stream.metrics import Metrics, MetricsMiddleware
 from stream.openapi import Operation, openapi_document
@@ -83,17 +82,12 @@ def last_event_id(request: Request) -> int:
     return int(text)
 
 
-def create_app(
-    settings: Settings,
-    engine: ImageEngine,
-    store: ResultStore | None = None,
-    job_store: JobStore | None = None,
-) -> Starlette:
-    default_store, default_job_store = build_stores(settings)
-    store = store or default_store
+def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
+    """The app serving `engine`; where results and jobs live follows `settings.state_store`."""
+    store, job_store = build_stores(settings)
     metrics = Metrics(engine.load)
     service = ImageService(settings, engine, store, metrics)
-    jobs = JobService(service, job_store or default_job_store)
+    jobs = JobService(service, job_store)
 
     async def generations(request: Request) -> Response:
         plan = plan_generation(

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import sdk_client
 from tests.redis_server import redis_server
+from tests.servers import free_port, wait_healthy
 from tests.test_jobs_api import events_of
 
 pytest.importorskip("ray.serve", reason="Ray Serve comes with the cluster extra")
@@ -28,27 +29,9 @@ pytest.importorskip("ray.serve", reason="Ray Serve comes with the cluster extra"
 STEPS = {"num_inference_steps": 24}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the cluster did not become healthy (exit code {process.poll()})")
 
 
 class Cluster:

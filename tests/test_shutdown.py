@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.servers import free_port, wait_healthy
+
 STREAM = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 100}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
@@ -51,7 +46,7 @@ def server_process(
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: health(url) == 200, "the server to start")
+        wait_healthy(url, process, timeout_s=120)
         yield process, url
     finally:
         if process.poll() is None:
