@@ -1,6 +1,6 @@
 """Edits on the loaded weights: img2img, inpainting, and reference editing with Kontext.
 
-Each mode is a diffusers pipeline made once with `from_pipe` from the loaded FLUX pipeline,
+Each mode is a diffusers pipeline made once from the loaded FLUX pipeline's components,
 so all of them share its modules: one copy of the weights, whatever the mode. The mode
 follows from the model and the request: a Kontext model edits by reference, other FLUX
 models start from the noised input (img2img); a mask turns either into inpainting.
@@ -37,10 +37,15 @@ EDIT_PIPELINES: dict[tuple[bool, bool], type[DiffusionPipeline]] = {
 
 
 def edit_pipelines(pipe: FluxPipeline, *, kontext: bool) -> dict[bool, DiffusionPipeline]:
-    """The model's edit pipelines by `masked`, sharing every module of `pipe`."""
+    """The model's edit pipelines by `masked`, sharing every module of `pipe`.
+
+    Built from `pipe.components`, not with `from_pipe`: that casts the shared modules to
+    float32 unless given a dtype, and casts fp8 weights to any dtype it is given, so it
+    would quietly turn a bf16 or fp8 model into a float32 one.
+    """
     pipes = {}
     for masked in (False, True):
-        edit_pipe = EDIT_PIPELINES[(kontext, masked)].from_pipe(pipe)
+        edit_pipe = EDIT_PIPELINES[(kontext, masked)](**pipe.components)
         edit_pipe.set_progress_bar_config(disable=True)
         pipes[masked] = edit_pipe
     return pipes
