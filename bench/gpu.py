@@ -8,6 +8,7 @@ the embedded model at a small size; the test suite runs it so that this script c
 
     .venv/bin/python -m bench.gpu                        # full-size, 1024², 28 steps, CUDA
     .venv/bin/python -m bench.gpu --quantize fp8         # plus the output difference vs bf16
+    .venv/bin/python -m bench.gpu --quantize fp8-torchao # torchao's float8, to compare
     .venv/bin/python -m bench.gpu --tiny --json out.json
 
 Each figure goes through `ThreadedEngine` + `FluxRunner`, as a request would: the image
@@ -36,6 +37,11 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _check_attention_backend_requirements,
+    dispatch_attention_fn,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers, flux_scheduler, flux_vae
@@ -45,8 +51,21 @@ from pipeline.jobs import Job, Progress, Result
 from pipeline.loading import ModelSpec, load_pipeline, model_profile, resolve_device
 from pipeline.previews import fit_linear_decoder
 from pipeline.runner import FluxRunner
-from pipeline.speedups import Speedups, apply_speedups
+from pipeline.speedups import SpeedupError, Speedups, apply_speedups
 from stream.images import encode_image
+
+ATTENTION_BACKENDS = (
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "_native_math",
+    "flash",
+    "_flash_3",
+    "sage",
+    "xformers",
+)
+TEXT_TOKENS = 512
 
 
 @dataclass
@@ -132,6 +151,39 @@ async def _measure(engine: ThreadedEngine, job: Job, repeats: int) -> Measuremen
     )
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def attention_sweep(
+    transformer: FluxTransformer2DModel, size: int, repeats: int = 20
+) -> dict[str, float | str]:
+    """Milliseconds per attention call of each diffusers backend, at this model's shape
+    (image tokens plus T5's 512), so that `--attention-backend` is chosen by measurement."""
+    heads = transformer.config.num_attention_heads
+    head_dim = transformer.config.attention_head_dim
+    tokens = (size // 16) ** 2 + TEXT_TOKENS
+    device, dtype = transformer.device, transformer.dtype
+    query, key, value = (
+        torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3)
+    )
+    timings: dict[str, float | str] = {}
+    for backend in ATTENTION_BACKENDS:
+        try:
+            _check_attention_backend_requirements(AttentionBackendName(backend))
+            dispatch_attention_fn(query, key, value, backend=backend)
+            _synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                dispatch_attention_fn(query, key, value, backend=backend)
+            _synchronize(device)
+            timings[backend] = (time.perf_counter() - started) / repeats * 1000
+        except Exception as error:  # a backend that cannot run here is reported, not fatal
+            timings[backend] = f"unavailable ({type(error).__name__})"
+    return timings
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -149,6 +201,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         pipe, name = full_size_pipeline(device, dtype), "FLUX.1-dev architecture, random weights"
     profile = model_profile("bench", pipe)
+    attention_ms = attention_sweep(pipe.transformer, args.size)
     base_job = Job(
         prompt="a lighthouse at dusk, detailed, cinematic",
         width=args.size,
@@ -158,7 +211,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         guidance_scale=3.5,
     )
     reference = None
-    if args.quantize == "fp8":
+    if args.quantize != "none":
         reference = pipe(
             prompt=base_job.prompt,
             width=args.size,
@@ -167,7 +220,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(0),
         ).images[0]
     speedups = Speedups(
-        compile=args.compile, compile_backend=args.compile_backend, quantize=args.quantize
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+        quantize=args.quantize,
+        attention_backend=args.attention_backend,
     )
     applied = apply_speedups(pipe, speedups, device, scratch)
     if device.type == "cuda":
@@ -194,6 +250,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "steps": args.steps,
         "speedups": list(applied),
+        "attention_ms": attention_ms,
         "warmup_s": warmup_s,
         "first_after_ready_ratio": first_after_ready_s / measurements[0].image_s,
         "measurements": [asdict(m) for m in measurements],
@@ -221,16 +278,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--quantize", choices=["none", "fp8"], default="none")
+    parser.add_argument("--quantize", choices=["none", "fp8", "fp8-torchao"], default="none")
+    parser.add_argument("--attention-backend", help="a diffusers backend (default: SDPA's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.size = args.size or (64 if args.tiny else 1024)
     args.steps = args.steps or (4 if args.tiny else 28)
-    result = asyncio.run(run(args))
+    try:
+        result = asyncio.run(run(args))
+    except SpeedupError as error:
+        raise SystemExit(f"bench.gpu: {error}") from None
     print(
         f"{result['model']} on {result['device']}, torch {result['torch']}, "
         f"{args.size}², {args.steps} steps; speed-ups: {', '.join(result['speedups']) or 'none'}"
     )
+    print("attention backend | ms per call at this shape")
+    for backend, timing in result["attention_ms"].items():
+        print(f"{backend:>17} | {timing if isinstance(timing, str) else f'{timing:.2f}'}")
     print(f"warm-up (incl. compile): {result['warmup_s']:.1f} s")
     print(f"first request after ready / steady: {result['first_after_ready_ratio']:.2f}x")
     print("partial_images | step ms | image s (decode + PNG encode included)")

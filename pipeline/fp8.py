@@ -4,6 +4,8 @@ Measured on an H100 (see ../shared/design.md and bench/RESULTS.md): torchao's fl
 path ran at 520 ms per step uncompiled and did not finish compiling in minutes, while this
 plain rowwise layer, regionally compiled, ran at 110 ms per step against 132 ms for bf16.
 Weights are quantized once at load time; activations per call, per row (token).
+`--quantize fp8-torchao` keeps torchao's path selectable, so that `bench/gpu.py` can
+compare both on whatever torch is installed.
 """
 
 from __future__ import annotations
@@ -55,21 +57,42 @@ def quantizable(linear: nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
-def quantize_blocks_fp8(model: nn.Module, block_lists: tuple[str, ...]) -> int:
-    """Swap the linear layers inside the named block lists for fp8 ones; returns the count.
+def _blocks(model: nn.Module, block_lists: tuple[str, ...]) -> list[nn.Module]:
+    """Only the repeated transformer blocks are quantized: embeddings, norms and the final
+    projection stay in the model's dtype, where precision matters most and time least."""
+    return [block for list_name in block_lists for block in getattr(model, list_name)]
 
-    Only the repeated transformer blocks are quantized: embeddings, norms and the final
-    projection stay in the model's dtype, where precision matters most and time least.
-    """
+
+def quantize_blocks_fp8(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    """Swap the linear layers inside the named block lists for fp8 ones; returns the count."""
     swapped = 0
-    for list_name in block_lists:
-        for block in getattr(model, list_name):
-            for name, child in list(block.named_modules()):
-                if isinstance(child, nn.Linear) and quantizable(child):
-                    parent_name, _, attribute = name.rpartition(".")
-                    parent = block.get_submodule(parent_name) if parent_name else block
-                    setattr(parent, attribute, Float8RowwiseLinear(child))
-                    swapped += 1
+    for block in _blocks(model, block_lists):
+        for name, child in list(block.named_modules()):
+            if isinstance(child, nn.Linear) and quantizable(child):
+                parent_name, _, attribute = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attribute, Float8RowwiseLinear(child))
+                swapped += 1
+    return swapped
+
+
+def quantize_blocks_torchao(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    """The same layers through torchao's dynamic float8 (per-row scales), to compare with
+    the plain layer above on the installed torch; raises ImportError without torchao."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        quantize_,
+    )
+
+    def chosen(module: nn.Module, _name: str = "") -> bool:
+        return isinstance(module, nn.Linear) and quantizable(module)
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    swapped = 0
+    for block in _blocks(model, block_lists):
+        swapped += sum(map(chosen, block.modules()))
+        quantize_(block, config, filter_fn=chosen)
     return swapped
 
 

@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from diffusers import FluxPipeline
 
-from pipeline.fp8 import fp8_supported, quantize_blocks_fp8
+from pipeline.fp8 import fp8_supported, quantize_blocks_fp8, quantize_blocks_torchao
 
 logger = logging.getLogger(__name__)
 
 Switch = Literal["auto", "on", "off"]
+Quantize = Literal["none", "fp8", "fp8-torchao"]
 REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -33,7 +34,7 @@ class Speedups:
     compile: Switch = "auto"
     compile_backend: str = "inductor"
     fuse_qkv: Switch = "auto"
-    quantize: Literal["none", "fp8"] = "none"
+    quantize: Quantize = "none"
     attention_backend: str | None = None
 
     def compiles(self, device: torch.device) -> bool:
@@ -52,13 +53,8 @@ def apply_speedups(
     if speedups.fuses(device):
         transformer.fuse_qkv_projections()
         applied.append("fused-qkv")
-    if speedups.quantize == "fp8":
-        if not fp8_supported(device):
-            raise SpeedupError(
-                f"--quantize fp8 needs fp8 matmuls (compute capability 8.9+); {device} has none"
-            )
-        count = quantize_blocks_fp8(transformer, REPEATED_BLOCKS)
-        applied.append(f"fp8-rowwise({count} linears)")
+    if speedups.quantize != "none":
+        applied.append(_quantize(transformer, speedups.quantize, device))
     if device.type == "cuda":
         pipe.vae.to(memory_format=torch.channels_last)
         applied.append("channels-last-vae")
@@ -76,6 +72,31 @@ def apply_speedups(
         applied.append(f"regional-compile({speedups.compile_backend})")
     logger.info("speed-ups: %s", ", ".join(applied) or "none")
     return tuple(applied)
+
+
+def _quantize(transformer: torch.nn.Module, quantize: Quantize, device: torch.device) -> str:
+    """Swap the repeated blocks' linears for fp8 ones; returns what was done.
+
+    A GPU without fp8 tensor cores (an A100, say) keeps serving in bf16 rather than
+    refusing to start: the log and `/health`'s speed-ups say so.
+    """
+    if not fp8_supported(device):
+        logger.warning("--quantize %s: %s has no fp8 matmuls; serving in bf16", quantize, device)
+        return "no-fp8-on-this-gpu(bf16)"
+    if quantize == "fp8-torchao":
+        if device.type != "cuda":
+            raise SpeedupError(
+                "--quantize fp8-torchao runs torchao's float8 kernels, which need a CUDA GPU "
+                "with compute capability 8.9+; use --quantize fp8 on the CPU"
+            )
+        try:
+            count = quantize_blocks_torchao(transformer, REPEATED_BLOCKS)
+        except ImportError:
+            raise SpeedupError(
+                "--quantize fp8-torchao needs the torchao package: pip install torchao"
+            ) from None
+        return f"fp8-torchao({count} linears)"
+    return f"fp8-rowwise({quantize_blocks_fp8(transformer, REPEATED_BLOCKS)} linears)"
 
 
 def _persist_compile_cache(cache_dir: Path) -> None:

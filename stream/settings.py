@@ -47,8 +47,10 @@ class Settings(BaseSettings):
     fuse_qkv: Literal["auto", "on", "off"] = Field(
         "auto", description="fuse attention QKV projections (auto: on CUDA)"
     )
-    quantize: Literal["none", "fp8"] = Field(
-        "none", description="fp8: rowwise float8 linears in the transformer blocks"
+    quantize: Literal["none", "fp8", "fp8-torchao"] = Field(
+        "none",
+        description="fp8: rowwise float8 linears in the transformer blocks; fp8-torchao: "
+        "the same through torchao (CUDA only, needs torchao installed)",
     )
     offload: Literal["none", "model", "sequential"] = Field(
         "none", description="diffusers CPU offload, for GPUs too small for the model"

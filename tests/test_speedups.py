@@ -6,13 +6,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.fp8 import Float8RowwiseLinear
+from pipeline import speedups
+from pipeline.factory import create_flux_runner
+from pipeline.fp8 import FP8, Float8RowwiseLinear
+from pipeline.jobs import Job
 from pipeline.loading import ModelLoadError, ModelSpec, prepare_pipeline
 from pipeline.speedups import Speedups
 
@@ -53,6 +57,40 @@ def test_fp8_on_the_cpu_generates_nearly_the_same_image(
 ) -> None:
     quantized = generate(ModelSpec(cache_dir=model_cache, speedups=Speedups(quantize="fp8")))
     assert 25 < psnr(quantized, plain) < float("inf")
+
+
+@pytest.mark.parametrize(
+    ("spec_fields", "weight_dtype"),
+    [({"dtype": "bfloat16"}, torch.bfloat16), ({"speedups": Speedups(quantize="fp8")}, FP8)],
+)
+def test_serving_runner_keeps_the_loaded_weight_dtype_and_generates(
+    model_cache: Path, spec_fields: dict[str, Any], weight_dtype: torch.dtype
+) -> None:
+    runner = create_flux_runner(ModelSpec(cache_dir=model_cache, **spec_fields))
+    job = Job("a red fox", 64, 64, seeds=(3,), num_inference_steps=2, guidance_scale=3.5)
+    result = runner.run(job, lambda event: None, lambda: False)
+    linear = runner.pipe.transformer.transformer_blocks[0].ff.net[2]
+    weight = getattr(linear, "weight_fp8", getattr(linear, "weight", None))
+    assert weight is not None and weight.dtype == weight_dtype
+    assert result.images[0].size == (64, 64)
+
+
+def test_fp8_on_a_gpu_without_fp8_serves_in_bf16_and_says_so(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(speedups, "fp8_supported", lambda device: False)
+    pipe, applied = prepare_pipeline(
+        ModelSpec(cache_dir=model_cache, speedups=Speedups(quantize="fp8"))
+    )
+    assert applied == ("no-fp8-on-this-gpu(bf16)",)
+    assert not any(isinstance(m, Float8RowwiseLinear) for m in pipe.transformer.modules())
+    assert "no fp8 matmuls; serving in bf16" in caplog.text
+
+
+def test_torchao_fp8_on_the_cpu_is_refused_with_a_reason(model_cache: Path) -> None:
+    spec = ModelSpec(cache_dir=model_cache, speedups=Speedups(quantize="fp8-torchao"))
+    with pytest.raises(ModelLoadError, match=r"need a CUDA GPU .* use --quantize fp8"):
+        prepare_pipeline(spec)
 
 
 def test_fused_qkv_gives_the_same_image(model_cache: Path, plain: np.ndarray) -> None:
@@ -96,3 +134,4 @@ def test_gpu_bench_runs_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
     assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
     assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
     assert result["warmup_s"] > 0 and result["first_after_ready_ratio"] > 0
+    assert result["attention_ms"]["native"] > 0
