@@ -46,7 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers, flux_scheduler, flux_vae
 from pipeline.engine import ThreadedEngine
-from pipeline.factory import warmup_job
+from pipeline.factory import warmup_jobs
 from pipeline.jobs import Job, Progress, Result
 from pipeline.loading import ModelSpec, load_pipeline, model_profile, resolve_device
 from pipeline.previews import fit_linear_decoder
@@ -230,7 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     runner = FluxRunner(pipe, profile, {"linear": fit_linear_decoder(pipe.vae)})
     started = time.perf_counter()
-    engine = ThreadedEngine(runner, max_queued=4, warmup=warmup_job(profile, args.size))
+    engine = ThreadedEngine(runner, max_queued=4, warmup=warmup_jobs(profile, args.size))
     while engine.status == "warming":
         await asyncio.sleep(0.05)
     warmup_s = time.perf_counter() - started

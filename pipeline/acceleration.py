@@ -58,9 +58,11 @@ def plan_speedup(job: Job, thresholds: Thresholds, startup: tuple[str, ...] = ()
 
 
 def runs_fp8_compiled(startup: tuple[str, ...]) -> bool:
-    return any(s.startswith("fp8") for s in startup) and any(
-        s.startswith("regional-compile") for s in startup
-    )
+    return any(s.startswith("fp8") for s in startup) and runs_compiled(startup)
+
+
+def runs_compiled(startup: tuple[str, ...]) -> bool:
+    return any(s.startswith("regional-compile") for s in startup)
 
 
 def apply_speedup(transformer: FluxTransformer2DModel, speedup: AppliedSpeedup) -> None:

@@ -193,7 +193,7 @@ class ThreadedEngine:
         runner: Runner,
         *,
         max_queued: int,
-        warmup: Job | None = None,
+        warmup: Sequence[Job] = (),
         max_queue_wait_s: float | None = None,
         max_run_s: float | None = None,
         max_batch_size: int = 1,
@@ -202,7 +202,7 @@ class ThreadedEngine:
             raise TypeError("max_batch_size above 1 needs a runner with run_batch")
         self._runner = runner
         self._warmup = warmup
-        self._status: EngineStatus = "warming" if warmup is not None else "ok"
+        self._status: EngineStatus = "warming" if warmup else "ok"
         self._max_queued = max_queued
         self._max_queue_wait_s = max_queue_wait_s
         self._max_run_s = max_run_s
@@ -320,12 +320,13 @@ class ThreadedEngine:
                 room -= ticket.job.num_images
         return taken
 
-    def _warm_up(self, job: Job) -> None:
-        """One throw-away generation first, so that no user request pays for compilation
+    def _warm_up(self, jobs: Sequence[Job]) -> None:
+        """Throw-away generations first, so that no user request pays for compilation
         or first-call allocations; jobs submitted meanwhile simply wait in the queue."""
         started = time.perf_counter()
         try:
-            self._runner.run(job, lambda event: None, lambda: self._closing)
+            for job in jobs:
+                self._runner.run(job, lambda event: None, lambda: self._closing)
         except Exception:
             logger.exception("warm-up generation failed")
             self._status = "failed"
@@ -334,7 +335,7 @@ class ThreadedEngine:
         self._status = "ok"
 
     def _work(self) -> None:
-        if self._warmup is not None:
+        if self._warmup:
             self._warm_up(self._warmup)
         while batch := self._next_batch():
             try:

@@ -6,7 +6,7 @@ import dataclasses
 
 from diffusers import FluxPipeline
 
-from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS
+from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS, runs_compiled
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import Job, ModelProfile
 from pipeline.loading import (
@@ -57,10 +57,12 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     return runner if checker is None else runner.with_safety_checker(checker)
 
 
-def warmup_job(profile: ModelProfile, side: int = 1024) -> Job:
+def warmup_jobs(profile: ModelProfile, side: int = 1024) -> tuple[Job, ...]:
     """A request shaped like the default one, previews included, so that its compiled
-    graphs and allocations are the ones real requests reuse."""
-    return Job(
+    graphs and allocations are the ones real requests reuse. A compiled model also runs a
+    short request with the first-block cache on: the cache's hooks change the blocks'
+    graphs, and their compilation belongs to start-up too, not to a user's request."""
+    default = Job(
         prompt="warm-up",
         width=side,
         height=side,
@@ -69,6 +71,12 @@ def warmup_job(profile: ModelProfile, side: int = 1024) -> Job:
         guidance_scale=profile.default_guidance,
         partial_images=1,
     )
+    if not runs_compiled(profile.speedups):
+        return (default,)
+    cached = dataclasses.replace(
+        default, num_inference_steps=min(4, default.num_inference_steps), acceleration="high"
+    )
+    return default, cached
 
 
 def create_flux_engine(
@@ -85,7 +93,7 @@ def create_flux_engine(
     return ThreadedEngine(
         runner,
         max_queued=max_queued,
-        warmup=warmup_job(runner.profile) if warmup else None,
+        warmup=warmup_jobs(runner.profile) if warmup else (),
         max_queue_wait_s=max_queue_wait_s,
         max_run_s=max_run_s,
         max_batch_size=max_batch_size,

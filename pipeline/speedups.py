@@ -68,7 +68,9 @@ def apply_speedups(
         applied.append(f"attention={speedups.attention_backend}")
     if speedups.compiles(device):
         _persist_compile_cache(cache_dir)
-        transformer.compile_repeated_blocks(fullgraph=True, backend=speedups.compile_backend)
+        # Not fullgraph: the first-block cache (`acceleration`) hooks the blocks with a
+        # decision dynamo must not trace; without the cache the graphs are whole anyway.
+        transformer.compile_repeated_blocks(fullgraph=False, backend=speedups.compile_backend)
         applied.append(f"regional-compile({speedups.compile_backend})")
     logger.info("speed-ups: %s", ", ".join(applied) or "none")
     return tuple(applied)

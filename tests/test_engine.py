@@ -119,7 +119,7 @@ async def test_closed_engine_refuses_new_jobs_and_fails_queued_ones() -> None:
 
 async def test_engine_is_warming_until_its_start_up_generation_is_done() -> None:
     release = threading.Event()
-    engine = ThreadedEngine(StepRunner(release), max_queued=2, warmup=job(1))
+    engine = ThreadedEngine(StepRunner(release), max_queued=2, warmup=(job(1),))
     assert engine.status == "warming"
     queued = engine.submit(job(1))  # requests during warm-up wait in the queue
     release.set()
@@ -130,7 +130,7 @@ async def test_engine_is_warming_until_its_start_up_generation_is_done() -> None
 
 
 async def test_failed_warm_up_is_reported_as_failed_status() -> None:
-    engine = ThreadedEngine(StepRunner(fail=True), max_queued=2, warmup=job(1))
+    engine = ThreadedEngine(StepRunner(fail=True), max_queued=2, warmup=(job(1),))
     for _ in range(100):
         if engine.status != "warming":
             break

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline import speedups
-from pipeline.factory import create_flux_runner
+from pipeline.factory import create_flux_runner, warmup_jobs
 from pipeline.fp8 import FP8, Float8RowwiseLinear
 from pipeline.jobs import Job
 from pipeline.loading import ModelLoadError, ModelSpec, prepare_pipeline
@@ -73,6 +73,16 @@ def test_serving_runner_keeps_the_loaded_weight_dtype_and_generates(
     weight = getattr(linear, "weight_fp8", getattr(linear, "weight", None))
     assert weight is not None and weight.dtype == weight_dtype
     assert result.images[0].size == (64, 64)
+
+
+def test_acceleration_runs_on_a_compiled_model_whose_warm_up_covers_it(model_cache: Path) -> None:
+    # The eager backend traces with dynamo exactly as inductor does: a block that dynamo
+    # cannot trace with the cache's hooks fails here the same way.
+    speedups = Speedups(compile="on", compile_backend="eager")
+    runner = create_flux_runner(ModelSpec(cache_dir=model_cache, speedups=speedups))
+    warmups = warmup_jobs(runner.profile, side=64)
+    results = [runner.run(job, lambda event: None, lambda: False) for job in warmups]
+    assert [result.acceleration for result in results] == ["none", "high"]
 
 
 def test_fp8_on_a_gpu_without_fp8_serves_in_bf16_and_says_so(
