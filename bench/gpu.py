@@ -235,6 +235,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     warmup_s = time.perf_counter() - started
     _, first_after_ready_s = await _time_job(engine, base_job)
+    # Another size and n than the warm-up's: a compiled model must not compile for it.
+    other_shape = Job(**{**asdict(base_job), "width": args.size * 3 // 4, "seeds": (0, 1)})
+    other_shape_s = [(await _time_job(engine, other_shape))[1] for _ in range(2)]
     measurements = [
         await _measure(engine, Job(**{**asdict(base_job), "partial_images": k}), args.repeats)
         for k in (0, 3)
@@ -253,6 +256,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "attention_ms": attention_ms,
         "warmup_s": warmup_s,
         "first_after_ready_ratio": first_after_ready_s / measurements[0].image_s,
+        "other_shape_first_ratio": other_shape_s[0] / other_shape_s[1],
         "measurements": [asdict(m) for m in measurements],
         "previews_ratio": measurements[1].image_s / measurements[0].image_s,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
@@ -297,6 +301,10 @@ def main() -> None:
         print(f"{backend:>17} | {timing if isinstance(timing, str) else f'{timing:.2f}'}")
     print(f"warm-up (incl. compile): {result['warmup_s']:.1f} s")
     print(f"first request after ready / steady: {result['first_after_ready_ratio']:.2f}x")
+    print(
+        f"first request at {args.size * 3 // 4}x{args.size}, n=2 / the same again: "
+        f"{result['other_shape_first_ratio']:.2f}x"
+    )
     print("partial_images | step ms | image s (decode + PNG encode included)")
     for m in result["measurements"]:
         print(f"{m['partial_images']:>14} | {m['step_ms']:7.1f} | {m['image_s']:7.3f}")

@@ -59,9 +59,13 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
 
 def warmup_jobs(profile: ModelProfile, side: int = 1024) -> tuple[Job, ...]:
     """A request shaped like the default one, previews included, so that its compiled
-    graphs and allocations are the ones real requests reuse. A compiled model also runs a
-    short request with the first-block cache on: the cache's hooks change the blocks'
-    graphs, and their compilation belongs to start-up too, not to a user's request."""
+    graphs and allocations are the ones real requests reuse.
+
+    A compiled model also runs short requests that compile what the default one leaves
+    out: two images at once (compiled graphs specialise a batch of one) and the
+    first-block cache of `acceleration`, whose hooks change the blocks' graphs. After them
+    no request compiles, whatever its size, `n` or acceleration.
+    """
     default = Job(
         prompt="warm-up",
         width=side,
@@ -73,10 +77,14 @@ def warmup_jobs(profile: ModelProfile, side: int = 1024) -> tuple[Job, ...]:
     )
     if not runs_compiled(profile.speedups):
         return (default,)
-    cached = dataclasses.replace(
-        default, num_inference_steps=min(4, default.num_inference_steps), acceleration="high"
+    short = dataclasses.replace(default, num_inference_steps=4, partial_images=0)
+    pair = dataclasses.replace(short, seeds=(0, 1))
+    return (
+        default,
+        pair,
+        dataclasses.replace(short, acceleration="high"),
+        dataclasses.replace(pair, acceleration="high"),
     )
-    return default, cached
 
 
 def create_flux_engine(

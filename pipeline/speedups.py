@@ -70,7 +70,11 @@ def apply_speedups(
         _persist_compile_cache(cache_dir)
         # Not fullgraph: the first-block cache (`acceleration`) hooks the blocks with a
         # decision dynamo must not trace; without the cache the graphs are whole anyway.
-        transformer.compile_repeated_blocks(fullgraph=False, backend=speedups.compile_backend)
+        # Dynamic: one graph serves every image size (token count) and, once warmed with
+        # two images, every batch size, so no request at another size compiles.
+        transformer.compile_repeated_blocks(
+            fullgraph=False, dynamic=True, backend=speedups.compile_backend
+        )
         applied.append(f"regional-compile({speedups.compile_backend})")
     logger.info("speed-ups: %s", ", ".join(applied) or "none")
     return tuple(applied)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from pipeline import speedups
 from pipeline.factory import create_flux_runner, warmup_jobs
@@ -75,14 +76,26 @@ def test_serving_runner_keeps_the_loaded_weight_dtype_and_generates(
     assert result.images[0].size == (64, 64)
 
 
-def test_acceleration_runs_on_a_compiled_model_whose_warm_up_covers_it(model_cache: Path) -> None:
+def test_compiled_model_after_its_warm_up_serves_any_size_n_and_acceleration_uncompiled(
+    model_cache: Path,
+) -> None:
     # The eager backend traces with dynamo exactly as inductor does: a block that dynamo
-    # cannot trace with the cache's hooks fails here the same way.
+    # cannot trace with the cache's hooks fails here the same way, and each graph dynamo
+    # captures is one that inductor would compile.
     speedups = Speedups(compile="on", compile_backend="eager")
     runner = create_flux_runner(ModelSpec(cache_dir=model_cache, speedups=speedups))
-    warmups = warmup_jobs(runner.profile, side=64)
+    warmups = warmup_jobs(runner.profile, side=256)
     results = [runner.run(job, lambda event: None, lambda: False) for job in warmups]
-    assert [result.acceleration for result in results] == ["none", "high"]
+    assert {result.acceleration for result in results} == {"none", "high"}
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    for width, height, seeds, acceleration in [
+        (192, 128, (1,), "none"),
+        (64, 320, (1, 2, 3), "regular"),
+        (128, 128, (4, 5), "high"),
+    ]:
+        job = Job("a fox", width, height, seeds, 2, 3.5, acceleration=acceleration)
+        assert len(runner.run(job, lambda event: None, lambda: False).images) == len(seeds)
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
 
 
 def test_fp8_on_a_gpu_without_fp8_serves_in_bf16_and_says_so(
@@ -144,4 +157,4 @@ def test_gpu_bench_runs_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
     assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
     assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
     assert result["warmup_s"] > 0 and result["first_after_ready_ratio"] > 0
-    assert result["attention_ms"]["native"] > 0
+    assert result["attention_ms"]["native"] > 0 and result["other_shape_first_ratio"] > 0
