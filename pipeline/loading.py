@@ -6,6 +6,7 @@ All three go through the same `from_pretrained` call, offline. Failures become o
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -125,10 +126,20 @@ def prepare_pipeline(spec: ModelSpec) -> tuple[FluxPipeline, tuple[str, ...]]:
     """Load `spec` and apply its speed-ups; returns the pipeline and what was applied."""
     pipe = load_pipeline(spec)
     try:
-        applied = apply_speedups(pipe, spec.speedups, resolve_device(spec.device), spec.cache_dir)
+        applied = apply_speedups(
+            pipe, startup_speedups(spec), resolve_device(spec.device), spec.cache_dir
+        )
     except SpeedupError as error:
         raise ModelLoadError(str(error)) from None
     return pipe, applied
+
+
+def startup_speedups(spec: ModelSpec) -> Speedups:
+    """`--compile auto` leaves an offloaded model uncompiled: offloading moves the weights
+    between devices at every call, which compiled blocks do not survive."""
+    if spec.offload != "none" and spec.speedups.compile == "auto":
+        return dataclasses.replace(spec.speedups, compile="off")
+    return spec.speedups
 
 
 def _place(pipe: FluxPipeline, spec: ModelSpec, device: torch.device) -> None:

@@ -18,7 +18,7 @@ from pipeline import speedups
 from pipeline.factory import create_flux_runner, warmup_jobs
 from pipeline.fp8 import FP8, Float8RowwiseLinear
 from pipeline.jobs import Job
-from pipeline.loading import ModelLoadError, ModelSpec, prepare_pipeline
+from pipeline.loading import ModelLoadError, ModelSpec, prepare_pipeline, startup_speedups
 from pipeline.speedups import Speedups
 
 
@@ -137,6 +137,13 @@ def test_cpu_path_applies_nothing_by_default(model_cache: Path) -> None:
 def test_offload_on_the_cpu_is_refused_with_a_reason(model_cache: Path, offload: str) -> None:
     with pytest.raises(ModelLoadError, match="nothing to offload"):
         prepare_pipeline(ModelSpec(cache_dir=model_cache, offload=offload))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offloaded_model_is_not_compiled_by_default(offload: str) -> None:
+    spec = ModelSpec(offload=offload)  # type: ignore[arg-type]
+    assert startup_speedups(spec).compile == "off"
+    assert startup_speedups(ModelSpec()).compile == "auto"
 
 
 def test_unknown_attention_backend_is_refused_with_a_reason(model_cache: Path) -> None:
