@@ -80,9 +80,15 @@ class PreparedEdit:
             mask = mask.resize(generated.size, Image.Resampling.NEAREST)
         return Image.composite(generated.convert("RGB"), image, mask)
 
-    def arguments(self, *, kontext: bool) -> dict[str, Any]:
-        """The mode's own keyword arguments for the pipeline call."""
-        arguments: dict[str, Any] = {"image": self.image}
+    def arguments(self, *, kontext: bool, count: int) -> dict[str, Any]:
+        """The mode's own keyword arguments for a call that makes `count` images.
+
+        img2img and inpainting sample the input's latent with a generator: given one input,
+        they sample it once with the first image's generator, so that image i of n would not
+        be the image its seed gives alone. One input per image samples each with its own.
+        Kontext takes the latent's mean, and a list would mean several reference images.
+        """
+        arguments: dict[str, Any] = {"image": self.image if kontext else [self.image] * count}
         if self.mask is not None:
             arguments["mask_image"] = self.mask
         if self.mask is not None or not kontext:

@@ -224,7 +224,7 @@ class FluxRunner:
             prompt, per_prompt = [j.prompt for j in jobs for _ in j.seeds], 1
         if edit is not None:
             pipe = self.edit_pipe(edit.mask is not None)
-            arguments = edit.arguments(kontext=self._kontext)
+            arguments = edit.arguments(kontext=self._kontext, count=job.num_images)
         # The first-block cache keeps its state per cache context. FluxPipeline opens one
         # around each transformer call; the img2img, inpaint and Kontext pipelines open
         # none, so the whole call runs in the "cond" context (inner ones simply reset it).

@@ -54,10 +54,10 @@ def test_each_mode_gets_its_own_arguments() -> None:
     mask = Image.new("L", (32, 16), 255)
     img2img = PreparedEdit.of(EditInputs(images=(noise_image((32, 16)),), strength=0.3), (32, 16))
     inpaint = PreparedEdit.of(EditInputs(images=(img2img.image,), mask=mask), (32, 16))
-    assert set(img2img.arguments(kontext=False)) == {"image", "strength"}
-    assert img2img.arguments(kontext=False)["strength"] == 0.3
-    assert set(inpaint.arguments(kontext=False)) == {"image", "mask_image", "strength"}
-    kontext = img2img.arguments(kontext=True)
+    assert set(img2img.arguments(kontext=False, count=1)) == {"image", "strength"}
+    assert img2img.arguments(kontext=False, count=1)["strength"] == 0.3
+    assert set(inpaint.arguments(kontext=False, count=1)) == {"image", "mask_image", "strength"}
+    kontext = img2img.arguments(kontext=True, count=1)
     assert kontext["max_area"] == 32 * 16 and kontext["_auto_resize"] is False
     assert "strength" not in kontext
-    assert "strength" in inpaint.arguments(kontext=True)
+    assert "strength" in inpaint.arguments(kontext=True, count=1)
