@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderTiny, FluxPipeline
+from diffusers import AutoencoderTiny, FluxPipeline, FluxTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_KONTEXT = "embedded-kontext"
+# 16 latent channels in 2x2 patches: what text-to-image and Kontext feed the transformer.
+FLUX_INPUT_CHANNELS = 64
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -80,7 +83,9 @@ def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()
 
 
 def _quiet_libraries() -> None:
-    """Progress bars and torchvision notices from loading are noise in a server log."""
+    """Progress bars and torchvision notices from loading are noise in a server log, and so
+    is the deprecation warning huggingface_hub gives for what diffusers' `load_config` passes."""
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
@@ -92,9 +97,34 @@ def model_source(spec: ModelSpec) -> Path | str:
     first use), a local diffusers folder, or a hub id."""
     if spec.model in (EMBEDDED, EMBEDDED_KONTEXT):
         return ensure_embedded_model(spec.cache_dir, kontext=spec.model == EMBEDDED_KONTEXT)
-    if Path(spec.model).exists() and not (Path(spec.model) / "model_index.json").is_file():
+    folder = Path(spec.model).expanduser()  # `~` from a quoted flag or an env variable
+    if not folder.exists():
+        # A hub id is `owner/name`; anything else can only be a mistyped path.
+        if spec.model.startswith(("/", ".", "~")) or spec.model.count("/") > 1:
+            raise ModelLoadError(f"could not load model {spec.model!r}: there is no such folder")
+        return spec.model
+    if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{spec.model} is not a diffusers folder (no model_index.json)")
-    return spec.model
+    return folder
+
+
+def _check_servable(spec: ModelSpec, source: Path | str) -> None:
+    """Refuse, before loading any weights, what would fail every request: another kind of
+    pipeline, or a FLUX variant whose transformer needs conditioning inputs that text-to-image
+    has not (Fill, Canny, Depth). Reads only configs; raises `OSError` where they are missing."""
+    pipeline = str(FluxPipeline.load_config(source, local_files_only=True).get("_class_name"))
+    if not pipeline.startswith("Flux"):
+        raise ModelLoadError(f"{spec.model} holds a {pipeline}, not a FLUX model")
+    transformer = FluxTransformer2DModel.load_config(
+        source, subfolder="transformer", local_files_only=True
+    )
+    channels = transformer.get("in_channels")
+    if channels != FLUX_INPUT_CHANNELS:
+        raise ModelLoadError(
+            f"{spec.model} holds a {pipeline}, whose transformer takes {channels} input "
+            f"channels; fluxstream serves FLUX text-to-image and Kontext models "
+            f"({FLUX_INPUT_CHANNELS})"
+        )
 
 
 def is_kontext_model(spec: ModelSpec) -> bool:
@@ -110,6 +140,7 @@ def load_pipeline(spec: ModelSpec) -> FluxPipeline:
     dtype = resolve_dtype(spec.dtype, device)
     source = model_source(spec)
     try:
+        _check_servable(spec, source)
         pipe = FluxPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelLoadError(

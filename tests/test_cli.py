@@ -1,5 +1,6 @@
 """Start-up as a user sees it: one clear line and exit code 2 for what cannot work."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,53 @@ def start_up_failure(*flags: str) -> str:
     return lines[0]
 
 
-def test_missing_model_fails_start_up_with_one_clear_line(tmp_path: Path) -> None:
+def test_missing_model_folder_fails_start_up_saying_there_is_no_such_folder(
+    tmp_path: Path,
+) -> None:
     line = start_up_failure("--model", "/nonexistent/flux", "--cache-dir", str(tmp_path))
-    assert "could not load model '/nonexistent/flux'" in line
+    assert line == "fluxstream: could not load model '/nonexistent/flux': there is no such folder"
+
+
+def test_hub_id_not_in_the_cache_fails_start_up_saying_nothing_is_downloaded(
+    tmp_path: Path,
+) -> None:
+    line = start_up_failure("--model", "black-forest-labs/FLUX.1-dev", "--cache-dir", str(tmp_path))
+    assert "could not load model 'black-forest-labs/FLUX.1-dev' offline" in line
+    assert "already in the local Hugging Face cache" in line
+
+
+def diffusers_folder(folder: Path, pipeline: str, transformer: dict[str, object]) -> Path:
+    """The configs of a diffusers model folder (no weights: start-up refuses it before)."""
+    (folder / "transformer").mkdir(parents=True)
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "transformer" / "config.json").write_text(json.dumps(transformer))
+    return folder
+
+
+def test_a_diffusers_folder_of_another_pipeline_fails_start_up_naming_it(
+    tmp_path: Path,
+) -> None:
+    folder = diffusers_folder(
+        tmp_path / "sd", "StableDiffusionPipeline", {"_class_name": "UNet2DConditionModel"}
+    )
+    line = start_up_failure("--model", str(folder), "--cache-dir", str(tmp_path))
+    assert line == (f"fluxstream: {folder} holds a StableDiffusionPipeline, not a FLUX model")
+
+
+def test_a_flux_fill_model_fails_start_up_instead_of_failing_every_request(
+    tmp_path: Path,
+) -> None:
+    folder = diffusers_folder(
+        tmp_path / "fill",
+        "FluxFillPipeline",
+        {"_class_name": "FluxTransformer2DModel", "in_channels": 384, "out_channels": 64},
+    )
+    line = start_up_failure("--model", str(folder), "--cache-dir", str(tmp_path))
+    assert line == (
+        f"fluxstream: {folder} holds a FluxFillPipeline, whose transformer takes 384 "
+        "input channels; fluxstream serves FLUX text-to-image and Kontext models (64)"
+    )
 
 
 def test_missing_safety_checker_model_fails_start_up_with_one_clear_line(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
+from pipeline.jobs import EditInputs, Job
 from pipeline.loading import EMBEDDED_KONTEXT, ModelSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
@@ -231,6 +232,32 @@ def test_kontext_model_edits_by_reference_and_streams(kontext_server: str) -> No
     )
     assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert pixels(decode_b64(events[-1].b64_json)).shape == (96, 128, 3)
+
+
+@pytest.mark.parametrize("kontext", [False, True], ids=["flux", "kontext"])
+def test_a_saved_diffusers_folder_loads_by_path_and_edits_as_its_model_does(
+    flux_runner: FluxRunner,
+    kontext_runner: FluxRunner,
+    model_cache: Path,
+    tmp_path: Path,
+    kontext: bool,
+) -> None:
+    runner = kontext_runner if kontext else flux_runner
+    (runner.edit_pipe(False) if kontext else runner.pipe).save_pretrained(tmp_path / "model")
+    loaded = create_flux_runner(ModelSpec(model=str(tmp_path / "model"), cache_dir=model_cache))
+    assert type(loaded.edit_pipe(False)) is type(runner.edit_pipe(False))
+    job = Job(
+        prompt="a red fox",
+        width=64,
+        height=64,
+        seeds=(5,),
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        edit=EditInputs(images=(PICTURE,), strength=0.8),
+    )
+    (image,) = loaded.run(job, lambda event: None, lambda: False).images
+    (expected,) = runner.run(job, lambda event: None, lambda: False).images
+    assert np.array_equal(pixels(image), pixels(expected))
 
 
 def test_kontext_model_refuses_several_images_with_a_400_that_says_so(
