@@ -337,13 +337,23 @@ class ThreadedEngine:
     def _work(self) -> None:
         if self._warmup:
             self._warm_up(self._warmup)
-        while batch := self._next_batch():
-            try:
-                self._run(batch)
-            finally:
-                with self._condition:
-                    self._running = []
-                    self._condition.notify_all()
+        while self._run_next():
+            pass
+
+    def _run_next(self) -> bool:
+        """Run the next batch; False once the engine closes. The batch is referenced only
+        here and in `_running`, so that a finished job's inputs and images are freed with
+        its handle rather than held by the idle worker until the next job."""
+        batch = self._next_batch()
+        if not batch:
+            return False
+        try:
+            self._run(batch)
+        finally:
+            with self._condition:
+                self._running = []
+                self._condition.notify_all()
+        return True
 
     def _run(self, batch: list[_Ticket]) -> None:
         """Run one pipeline call for `batch` and answer each of its jobs."""

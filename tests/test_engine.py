@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -100,6 +102,23 @@ async def test_failed_job_reports_a_safe_message_and_the_worker_goes_on() -> Non
     assert "secret" not in str(raised.value)
     runner.fail = False
     assert isinstance((await collect(engine, job()))[-1], Result)
+    await engine.aclose()
+
+
+async def test_a_finished_job_is_freed_with_its_handle_not_kept_by_the_worker() -> None:
+    # An edit's input images and a result's images can be hundreds of MB: the idle worker
+    # must not hold the last job until the next one arrives.
+    engine = ThreadedEngine(StepRunner(), max_queued=2)
+    handle = engine.submit(job())
+    assert isinstance([event async for event in handle.events()][-1], Result)
+    ticket = weakref.ref(handle)
+    del handle
+    for _ in range(100):
+        gc.collect()
+        if ticket() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert ticket() is None
     await engine.aclose()
 
 
