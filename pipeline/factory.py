@@ -10,7 +10,7 @@ from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS, runs_com
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import Job, ModelProfile
 from pipeline.loading import (
-    EMBEDDED,
+    EMBEDDED_MODELS,
     ModelSpec,
     is_kontext_model,
     load_tiny_vae,
@@ -51,7 +51,7 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
             model_profile(spec.model, pipe, applied), preview_decoders=tuple(decoders)
         ),
         decoders,
-        thresholds=EMBEDDED_THRESHOLDS if spec.model == EMBEDDED else FLUX_THRESHOLDS,
+        thresholds=EMBEDDED_THRESHOLDS if spec.model in EMBEDDED_MODELS else FLUX_THRESHOLDS,
         kontext=is_kontext_model(spec),
     )
     return runner if checker is None else runner.with_safety_checker(checker)

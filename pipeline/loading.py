@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_KONTEXT = "embedded-kontext"
+EMBEDDED_MODELS = (EMBEDDED, EMBEDDED_KONTEXT)
 # 16 latent channels in 2x2 patches: what text-to-image and Kontext feed the transformer.
 FLUX_INPUT_CHANNELS = 64
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -67,7 +68,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()) -> ModelProfile:
     """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28."""
     name = model.lower()
-    if model in (EMBEDDED, EMBEDDED_KONTEXT):
+    if model in EMBEDDED_MODELS:
         steps, guidance = 8, 3.5
     elif "schnell" in name or not pipe.transformer.config.guidance_embeds:
         steps, guidance = 4, 0.0
@@ -95,7 +96,7 @@ def _quiet_libraries() -> None:
 def model_source(spec: ModelSpec) -> Path | str:
     """Where `from_pretrained` finds the model: an embedded model's cache folder (built on
     first use), a local diffusers folder, or a hub id."""
-    if spec.model in (EMBEDDED, EMBEDDED_KONTEXT):
+    if spec.model in EMBEDDED_MODELS:
         return ensure_embedded_model(spec.cache_dir, kontext=spec.model == EMBEDDED_KONTEXT)
     folder = Path(spec.model).expanduser()  # `~` from a quoted flag or an env variable
     if not folder.exists():

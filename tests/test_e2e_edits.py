@@ -353,13 +353,18 @@ def test_generation_parameters_apply_to_edits(flux_server: str) -> None:
     assert result.quality == "low"
 
 
-def test_acceleration_cache_skips_transformer_work_in_edits(flux_server: str) -> None:
+@pytest.mark.parametrize("server", ["flux_server", "kontext_server"])
+def test_acceleration_cache_skips_transformer_work_in_edits(
+    server: str, request: pytest.FixtureRequest
+) -> None:
     """The edit pipelines open no cache context themselves; without the runner's, the
-    first-block cache would fail the job (or, skipping nothing, change nothing)."""
+    first-block cache would fail the job (or, skipping nothing, change nothing). Both
+    embedded models need the embedded thresholds to skip anything at all."""
+    url = request.getfixturevalue(server)
 
     def output(acceleration: str) -> np.ndarray:
         steps = {"num_inference_steps": 16, "strength": 1, "acceleration": acceleration}
-        return only_image(edit(flux_server, extra_body=steps))
+        return only_image(edit(url, extra_body=steps))
 
     assert not np.array_equal(output("none"), output("high"))
 
