@@ -97,7 +97,13 @@ def model_source(spec: ModelSpec) -> Path | str:
     """Where `from_pretrained` finds the model: an embedded model's cache folder (built on
     first use), a local diffusers folder, or a hub id."""
     if spec.model in EMBEDDED_MODELS:
-        return ensure_embedded_model(spec.cache_dir, kontext=spec.model == EMBEDDED_KONTEXT)
+        try:
+            return ensure_embedded_model(spec.cache_dir, kontext=spec.model == EMBEDDED_KONTEXT)
+        except OSError as error:
+            raise ModelLoadError(
+                f"cannot build the embedded model in the cache folder {spec.cache_dir}: "
+                f"{error.strerror}"
+            ) from error
     folder = Path(spec.model).expanduser()  # `~` from a quoted flag or an env variable
     if not folder.exists():
         # A hub id is `owner/name`; anything else can only be a mistyped path.

@@ -54,14 +54,23 @@ def cached_linear_decoder(vae: AutoencoderKL, cache_dir: Path) -> LinearPreviewD
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         logger.warning("unreadable preview fit %s; fitting it again", path)
     decoder = fit_linear_decoder(vae)
-    _write_atomically(path, {"weight": decoder.weight.tolist(), "bias": decoder.bias.tolist()})
+    try:
+        _write_atomically(path, {"weight": decoder.weight.tolist(), "bias": decoder.bias.tolist()})
+    except OSError as error:
+        # A read-only cache costs a refit at each start, never the start itself.
+        logger.warning("cannot cache the preview fit in %s: %s", path.parent, error.strerror)
     return decoder
 
 
 def _write_atomically(path: Path, content: dict[str, object]) -> None:
-    """Two servers starting together never read a half-written file."""
+    """Two servers starting together never read a half-written file; a failed write
+    leaves no staging file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=".fit-", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(content, file)
-    os.replace(staging, path)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(content, file)
+        os.replace(staging, path)
+    except BaseException:
+        os.unlink(staging)
+        raise

@@ -141,6 +141,17 @@ def test_linear_fit_is_cached_on_disk_and_reused_on_the_next_start(
     assert torch.equal(second.decoders["linear"].bias, first.decoders["linear"].bias)  # type: ignore[attr-defined]
 
 
+def test_a_cache_dir_that_cannot_be_written_still_gives_the_fitted_map(
+    runner: FluxRunner, tmp_path: Path
+) -> None:
+    # A read-only deployment with a model folder mounted: the fit is redone at each start.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    decoder = preview_cache.cached_linear_decoder(runner.pipe.vae, blocked / "cache")
+    fitted = preview_cache.cached_linear_decoder(runner.pipe.vae, tmp_path)
+    assert torch.allclose(decoder.weight, fitted.weight, atol=1e-4)
+
+
 def test_a_changed_vae_gets_its_own_fit(runner: FluxRunner, tmp_path: Path) -> None:
     vae = runner.pipe.vae
     preview_cache.cached_linear_decoder(vae, tmp_path)
