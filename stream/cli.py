@@ -11,6 +11,7 @@ import os
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from pipeline.jobs import ImageEngine
 from stream.app import create_app
@@ -85,8 +86,25 @@ def build_engine(settings: Settings) -> ImageEngine:
         raise StartupError(str(error)) from None
 
 
+def settings_problems(error: ValidationError) -> str:
+    """Each rejected setting as its flag, its variable and the value given, on one line."""
+    problems = []
+    for problem in error.errors():
+        name = "_".join(str(part) for part in problem["loc"])
+        message = problem["msg"][:1].lower() + problem["msg"][1:]
+        problems.append(
+            f"--{name.replace('_', '-')} (FLUXSTREAM_{name.upper()}) "
+            f"{problem['input']!r}: {message}"
+        )
+    return "; ".join(problems)
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
+    try:
+        settings = load_settings(argv)
+    except ValidationError as error:
+        print(f"fluxstream: {settings_problems(error)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

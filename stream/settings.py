@@ -24,6 +24,8 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_prog_name="fluxstream",
         cli_implicit_flags=True,
+        # `null` turns off an optional limit from the environment as on the command line.
+        env_parse_none_str="null",
     )
 
     host: str = Field("127.0.0.1", description="interface to listen on")

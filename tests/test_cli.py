@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from stream.cli import load_settings
+
 
 def test_http_side_never_imports_torch_or_diffusers() -> None:
     code = (
@@ -108,3 +112,19 @@ def test_refused_speedup_stops_start_up_with_one_line(tmp_path: Path) -> None:
         "fluxstream: --offload model moves weights between the CPU and a GPU; "
         "with device cpu there is nothing to offload to"
     )
+
+
+def test_a_bad_setting_fails_start_up_with_one_line_naming_flag_and_variable() -> None:
+    assert start_up_failure("--max-queued", "0", "--keepalive-s", "soon") == (
+        "fluxstream: --max-queued (FLUXSTREAM_MAX_QUEUED) '0': input should be greater than "
+        "or equal to 1; --keepalive-s (FLUXSTREAM_KEEPALIVE_S) 'soon': input should be a "
+        "valid number, unable to parse string as a number"
+    )
+
+
+def test_no_limit_is_null_in_the_environment_as_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLUXSTREAM_MAX_RUN_S", "null")
+    assert load_settings(["--max-queue-wait-s", "null"]).max_run_s is None
+    assert load_settings(["--max-queue-wait-s", "null"]).max_queue_wait_s is None
