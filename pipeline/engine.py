@@ -327,6 +327,8 @@ class ThreadedEngine:
         try:
             for job in jobs:
                 self._runner.run(job, lambda event: None, lambda: self._closing)
+        except JobCancelled:
+            return  # stopped by shutdown: nothing failed, and `status` says closed
         except Exception:
             logger.exception("warm-up generation failed")
             self._status = "failed"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import logging
 import threading
 import weakref
 
@@ -146,6 +147,19 @@ async def test_engine_is_warming_until_its_start_up_generation_is_done() -> None
     assert engine.status == "ok"
     await engine.aclose()
     assert engine.status == "closed"
+
+
+async def test_shutdown_during_warm_up_stops_it_without_reporting_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = StepRunner(step_delay_s=0.02)
+    engine = ThreadedEngine(runner, max_queued=2, warmup=(job(1000),))
+    while runner.steps_run == 0:
+        await asyncio.sleep(0.01)
+    await engine.aclose()
+    assert runner.steps_run < 1000
+    assert engine.status == "closed"
+    assert [record.message for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 async def test_failed_warm_up_is_reported_as_failed_status() -> None:
