@@ -51,9 +51,19 @@ class ModelSpec:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved: torch.device | None = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} was asked for, but torch sees no CUDA device")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"--device {device} was asked for, but torch sees {torch.cuda.device_count()} "
+            f"CUDA device(s), numbered from 0"
+        )
     return resolved
 
 

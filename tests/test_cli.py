@@ -107,6 +107,15 @@ def test_tiny_preview_default_without_a_tiny_vae_fails_start_up_clearly() -> Non
     )
 
 
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:x"])
+def test_a_device_that_is_not_cpu_or_cuda_fails_start_up_with_one_line(
+    tmp_path: Path, device: str
+) -> None:
+    assert start_up_failure("--device", device, "--cache-dir", str(tmp_path)) == (
+        f"fluxstream: --device must be auto, cpu, cuda or cuda:N; got {device!r}"
+    )
+
+
 def test_refused_speedup_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert start_up_failure("--offload", "model", "--cache-dir", str(tmp_path)) == (
         "fluxstream: --offload model moves weights between the CPU and a GPU; "
