@@ -90,7 +90,7 @@ def settings_problems(error: ValidationError) -> str:
     """Each rejected setting as its flag, its variable and the value given, on one line."""
     problems = []
     for problem in error.errors():
-        name = "_".join(str(part) for part in problem["loc"])
+        name = str(problem["loc"][0])  # the setting, not the index of a list item in it
         message = problem["msg"][:1].lower() + problem["msg"][1:]
         problems.append(
             f"--{name.replace('_', '-')} (FLUXSTREAM_{name.upper()}) "
