@@ -60,7 +60,15 @@ def test_unknown_model_is_404_model_not_found(fake_server: str) -> None:
     assert response.json()["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}",  # over Python's int digit limit
+        b'{"prompt": "x", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep
+    ],
+)
 def test_malformed_body_is_400(fake_server: str, body: bytes) -> None:
     response = httpx.post(f"{fake_server}/v1/images/generations", content=body)
     assert response.status_code == 400
