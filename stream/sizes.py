@@ -57,22 +57,32 @@ def generation_size(width: int, height: int) -> tuple[int, int]:
 def parse_aspect_ratio(text: str, param: str) -> tuple[int, int]:
     """Map any `W:H` to the nearest supported shape, comparing ratios on a log scale."""
     match = _RATIO.match(text)
-    if not match or float(match[1]) <= 0 or float(match[2]) <= 0:
+    width, height = (float(match[1]), float(match[2])) if match else (0.0, 0.0)
+    # Numbers too long for a float are infinite; one of them makes an extreme shape, but
+    # inf:inf is no ratio at all.
+    if not (width > 0 and height > 0) or (math.isinf(width) and math.isinf(height)):
         raise InvalidRequest(
             f"{param} must look like '16:9' (two positive numbers); got {text!r}", param=param
         )
-    return nearest_shape(float(match[1]) / float(match[2]))
+    return nearest_shape(width / height)
 
 
 def nearest_shape(ratio: float) -> tuple[int, int]:
-    """The supported shape closest to `ratio` (width / height), on a log scale."""
-    wanted = math.log(ratio)
+    """The supported shape closest to `ratio` (width / height), on a log scale; beyond the
+    widest or tallest shape (up to an infinite ratio) that shape is the nearest."""
+    wanted = math.log(_clamped(ratio, [width / height for width, height in SIZES_1K]))
     return min(SIZES_1K, key=lambda shape: abs(math.log(shape[0] / shape[1]) - wanted))
 
 
 def nearest_tier(scale: float) -> float:
-    """The supported tier closest to `scale` (a factor of the 1K sides), on a log scale."""
-    return min(TIERS.values(), key=lambda tier: abs(math.log(tier / scale)))
+    """The supported tier closest to `scale` (a factor of the 1K sides), on a log scale;
+    beyond the largest tier (up to an infinite scale) that tier is the nearest."""
+    wanted = _clamped(scale, list(TIERS.values()))
+    return min(TIERS.values(), key=lambda tier: abs(math.log(tier / wanted)))
+
+
+def _clamped(value: float, supported: list[float]) -> float:
+    return min(max(value, min(supported)), max(supported))
 
 
 def parse_tier(text: str, param: str) -> float:
@@ -104,7 +114,7 @@ def resolve_size(
     size = (request.size or "").strip()
     if size and size.lower() != "auto":
         if match := _WXH.match(size):
-            return _checked_wxh(int(match[1]), int(match[2]), max_pixels)
+            return _checked_wxh(_side(match[1]), _side(match[2]), max_pixels)
         if _RATIO.match(size):
             return _tiered(parse_aspect_ratio(size, "size"), request, max_pixels, like)
         raise InvalidRequest(
@@ -147,12 +157,18 @@ def _fit_budget(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     return (max(1, int(size[0] * factor)), max(1, int(size[1] * factor)))
 
 
+def _side(digits: str) -> int:
+    """One side of `WxH`. Python refuses to convert numbers of thousands of digits, and any
+    number longer than `MAX_SIDE` is too large anyway, so long ones are not converted."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(MAX_SIDE)):
+        raise _side_out_of_range(f"a side of {len(significant)} digits")
+    return int(significant)
+
+
 def _checked_wxh(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-        raise InvalidRequest(
-            f"each side of size must be between 1 and {MAX_SIDE} pixels; got {width}x{height}",
-            param="size",
-        )
+        raise _side_out_of_range(f"{width}x{height}")
     if width * height > max_pixels:
         raise InvalidRequest(
             f"size {width}x{height} has {width * height} pixels; this server allows at most "
@@ -160,6 +176,12 @@ def _checked_wxh(width: int, height: int, max_pixels: int) -> tuple[int, int]:
             param="size",
         )
     return (width, height)
+
+
+def _side_out_of_range(got: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"each side of size must be between 1 and {MAX_SIDE} pixels; got {got}", param="size"
+    )
 
 
 def _pixels(size: tuple[int, int]) -> int:

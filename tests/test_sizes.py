@@ -79,7 +79,9 @@ def test_default_is_1024_square() -> None:
     assert resolve_size(SizeRequest(size="auto"), BUDGET) == (1024, 1024)
 
 
-@pytest.mark.parametrize("size", ["0x10", "14143x1", "big", "10x", "-5x5"])
+@pytest.mark.parametrize(
+    "size", ["0x10", "14143x1", "big", "10x", "-5x5", "9" * 5000 + "x64", "64x" + "1" * 5000]
+)
 def test_bad_sizes_are_400_on_size(size: str) -> None:
     with pytest.raises(InvalidRequest) as raised:
         resolve_size(SizeRequest(size=size), BUDGET)
@@ -91,7 +93,14 @@ def test_size_over_the_pixel_budget_states_the_limit() -> None:
         resolve_size(SizeRequest(size="2000x2000"), 1_000_000)
 
 
-@pytest.mark.parametrize(("param", "value"), [("aspect_ratio", "wide"), ("resolution", "huge")])
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("aspect_ratio", "wide"),
+        ("resolution", "huge"),
+        ("aspect_ratio", "9" * 400 + ":" + "9" * 400),  # both sides overflow a float
+    ],
+)
 def test_bad_shape_or_tier_names_its_param(param: str, value: str) -> None:
     with pytest.raises(InvalidRequest) as raised:
         resolve_size(SizeRequest(**{param: value}), BUDGET)
@@ -128,3 +137,18 @@ def test_edit_fills_in_only_what_the_request_leaves_unsaid() -> None:
     assert resolve_size(SizeRequest(size="16:9"), BUDGET, like=like) == (1365, 768)
     assert resolve_size(SizeRequest(resolution="0.5K"), BUDGET, like=like) == (592, 444)
     assert resolve_size(SizeRequest(size="auto"), BUDGET, like=like) == (1183, 887)
+
+
+def test_leading_zeros_do_not_change_a_size() -> None:
+    assert resolve_size(SizeRequest(size="0" * 5000 + "64x064"), BUDGET) == (64, 64)
+
+
+@pytest.mark.parametrize("param", ["resolution", "megapixels"])
+def test_tiers_beyond_any_float_map_to_the_largest_tier(param: str) -> None:
+    huge = SizeRequest(aspect_ratio="1:1", **{param: "9" * 400})
+    assert resolve_size(huge, BUDGET) == (4096, 4096)
+
+
+def test_ratios_beyond_any_float_map_to_the_most_extreme_shape() -> None:
+    assert resolve_size(SizeRequest(aspect_ratio="9" * 400 + ":1"), BUDGET) == (1563, 670)
+    assert resolve_size(SizeRequest(aspect_ratio="1:" + "9" * 400), BUDGET) == (670, 1564)
