@@ -55,6 +55,7 @@ from stream.webhooks import check_webhook_url
 logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 VERSION = version("fluxstream")
+MAX_EVENT_ID_DIGITS = 18
 
 
 async def read_json_object(request: Request) -> dict[str, object]:
@@ -77,7 +78,8 @@ def last_event_id(request: Request) -> int:
     text = request.headers.get("last-event-id", "").strip()
     if not text:
         return 0
-    if not text.isdigit():
+    # `isdigit` alone lets through "²" and numbers too long for `int`.
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_DIGITS):
         raise InvalidRequest("Last-Event-ID must be an event id", param="Last-Event-ID")
     return int(text)
 
