@@ -6,6 +6,7 @@ for the OpenAI SDKs lives here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,7 @@ from stream.store import ResultStore
 from stream.watch import OUTCOMES, JobWatch
 
 LOSSY_FORMATS = ("jpeg", "webp", "avif")
+logger = logging.getLogger(__name__)
 
 
 class ImageService:
@@ -106,6 +108,11 @@ class ImageService:
             yield sse.error_frame(
                 str(error) or "image generation failed", code=OUTCOMES.get(type(error))
             )
+        except Exception:
+            # A fault of ours (encoding, storing the url result): the 200 is already sent,
+            # so the client learns of it from the error frame the SDKs raise on.
+            logger.exception("stream failed after it started")
+            yield sse.error_frame("the server hit an internal error")
 
     async def partial_payload(self, preview: Preview, plan: ImagePlan, kind: str) -> dict[str, Any]:
         preview_format = plan.output_format if plan.output_format in LOSSY_FORMATS else "jpeg"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 
 from pipeline.jobs import JobFailed
+from stream.settings import Settings
 from tests.fakes import FakeEngine
 
 
@@ -67,4 +69,24 @@ def test_failure_after_the_stream_started_is_one_error_frame(
             "param": None,
             "code": None,
         },
+    }
+
+
+def test_a_server_fault_after_the_stream_started_is_one_generic_error_frame(
+    fake_server: str, settings: Settings
+) -> None:
+    shutil.rmtree(settings.data_dir)  # the url result can no longer be stored
+    response, text = raw_stream(
+        fake_server, {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 1}
+    )
+    assert response.status_code == 200
+    partial, last = frames(text)
+    assert partial[0] == "event: image_generation.partial_image"
+    assert last[0] == "event: error"
+    payload = json.loads(last[1].removeprefix("data: "))
+    assert payload["error"] == {
+        "message": "the server hit an internal error",
+        "type": "server_error",
+        "param": None,
+        "code": None,
     }
