@@ -234,7 +234,8 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash},
     )
     # Added innermost first: CORS sees every answer, the request id is on every answer
-    # (401 and 413 included), and the metrics count them.
+    # (401, 413 and 500 included), and the metrics count them.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -278,8 +279,43 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _crash(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _internal_error(request.method, request.url.path)
+
+
+def _internal_error(method: str, path: str) -> Response:
+    """The generic 500 for a bug; called while handling it, so the log has its traceback."""
+    logger.exception("unhandled error on %s %s", method, path)
     return error_response(ServerError("the server hit an internal error"))
+
+
+class InternalErrorMiddleware:
+    """Answers an unhandled exception with the generic 500 inside the middleware stack, so
+    that the answer carries `x-request-id` and is counted like any other: Starlette's own
+    handler for `Exception` (`_crash`, kept for faults in the outer middlewares) runs
+    outside all of them. Once the response has started there is no answer left to send,
+    so the exception goes on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception:
+            if started:
+                raise
+            response = _internal_error(scope["method"], scope["path"])
+            await response(scope, receive, send)
 
 
 class IdentityHeadersMiddleware:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import httpx
@@ -9,6 +10,7 @@ import openai
 import pytest
 
 from stream.app import create_app
+from stream.settings import Settings
 from tests.conftest import make_settings, sdk_client
 from tests.fakes import FakeEngine
 from tests.servers import live_server
@@ -79,6 +81,29 @@ def test_every_response_has_a_request_id(fake_server: str) -> None:
     assert httpx.get(f"{fake_server}/health").headers["x-request-id"].startswith("req_")
     echoed = httpx.get(f"{fake_server}/health", headers={"x-request-id": "abc"})
     assert echoed.headers["x-request-id"] == "abc"
+
+
+def test_an_unexpected_fault_is_a_generic_500_that_still_carries_the_request_id(
+    fake_server: str, settings: Settings
+) -> None:
+    shutil.rmtree(settings.data_dir)  # the url result can no longer be stored
+    response = httpx.post(
+        f"{fake_server}/v1/images/generations",
+        json={"prompt": "x", "size": "64x64"},
+        headers={"x-request-id": "req-from-client"},
+    )
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "message": "the server hit an internal error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert response.headers["x-request-id"] == "req-from-client"
+    metrics = httpx.get(f"{fake_server}/metrics").text
+    assert 'route="/v1/images/generations",status="500"} 1.0' in metrics
 
 
 def test_unknown_route_is_an_openai_shaped_404(fake_server: str) -> None:
