@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 VERSION = version("fluxstream")
 MAX_EVENT_ID_DIGITS = 18
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 async def read_json_object(request: Request) -> dict[str, object]:
@@ -157,6 +158,11 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
             raise NotFound(f"the model {model_id!r} does not exist", code="model_not_found")
         return JSONResponse(_model_card(model_id))
 
+    async def unknown_route(request: Request) -> Response:
+        """As OpenAI answers any method and path it lacks; without this route a POST would
+        fall through to the demo page's static files, which answer 405."""
+        raise NotFound(f"Invalid URL ({request.method} {request.url.path})")
+
     async def health(request: Request) -> Response:
         status = engine.status
         body = {
@@ -222,6 +228,7 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
         Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/{path:path}", unknown_route, methods=ANY_METHOD),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -106,10 +106,29 @@ def test_an_unexpected_fault_is_a_generic_500_that_still_carries_the_request_id(
     assert 'route="/v1/images/generations",status="500"} 1.0' in metrics
 
 
-def test_unknown_route_is_an_openai_shaped_404(fake_server: str) -> None:
-    response = httpx.get(f"{fake_server}/v1/nothing-here")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/nothing-here"),
+        ("POST", "/v1/images/variations"),
+        ("POST", "/v1/images/generations/"),
+        ("GET", "/v1/images/generations"),
+    ],
+)
+def test_unknown_route_is_an_openai_shaped_404(fake_server: str, method: str, path: str) -> None:
+    response = httpx.request(method, f"{fake_server}{path}", json={"prompt": "x"})
     assert response.status_code == 404
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"] == {
+        "message": f"Invalid URL ({method} {path})",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_sdk_calls_to_endpoints_this_server_lacks_raise_not_found(fake_server: str) -> None:
+    with pytest.raises(openai.NotFoundError, match="Invalid URL"):
+        sdk_client(fake_server).embeddings.create(model="flux.1-dev", input="x")
 
 
 def test_expired_or_unknown_result_file_is_404(fake_server: str) -> None:
