@@ -142,10 +142,7 @@ def plan_generation(
     model = _check_model(request.model, settings)
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be empty", param="prompt")
-    if len(request.prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            f"prompt is longer than {settings.max_prompt_chars} characters", param="prompt"
-        )
+    _check_text_length(request.prompt, "prompt", settings)
     n = _in_range(request.n, 1, 1, settings.max_n, "n")
     stream = bool(request.stream)
     if stream and n > 1:
@@ -168,6 +165,9 @@ def plan_generation(
     width, height = generation_size(*size)
     first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     extras = split_extras(request.model_extra or {}, profile.pipeline_parameters)
+    for name, value in extras.pipeline_kwargs.items():
+        if isinstance(value, str):  # prompt_2, negative_prompt: tokenized like the prompt
+            _check_text_length(value, name, settings)
     job = Job(
         prompt=request.prompt,
         width=width,
@@ -262,6 +262,15 @@ def _preview_decoder(preview: str | None, settings: Settings, profile: ModelProf
         choices = ", ".join(profile.preview_decoders)
         raise InvalidRequest(f"preview must be one of {choices}; got {decoder!r}", param="preview")
     return decoder
+
+
+def _check_text_length(text: str, param: str, settings: Settings) -> None:
+    """Tokenizing runs on the engine's one worker: a text of megabytes would hold it for
+    minutes, so every text the pipeline reads is held to `max_prompt_chars`."""
+    if len(text) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"{param} is longer than {settings.max_prompt_chars} characters", param=param
+        )
 
 
 def _check_model(model: str | None, settings: Settings) -> str:

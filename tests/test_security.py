@@ -122,6 +122,8 @@ def test_multipart_body_over_the_limit_is_413(tmp_path: Path) -> None:
     ("overrides", "body", "param"),
     [
         ({"max_prompt_chars": 10}, {"prompt": "x" * 11}, "prompt"),
+        # Texts passed through to the pipeline are prompts too: 10 MB cost minutes to tokenize.
+        ({"max_prompt_chars": 10}, {"prompt": "x", "negative_prompt": "x" * 11}, "negative_prompt"),
         ({"max_n": 2}, {"prompt": "x", "n": 3}, "n"),
         ({"max_steps": 5}, {"prompt": "x", "num_inference_steps": 6}, "num_inference_steps"),
         ({"max_pixels": 64 * 64}, {"prompt": "x", "size": "128x128"}, "size"),
