@@ -44,9 +44,45 @@ async def read_json(request: Request) -> object:
     """The body as JSON. Besides syntax errors, the parser refuses integers of thousands of
     digits (ValueError) and arrays nested thousands deep (RecursionError): a 400 too."""
     try:
-        return json.loads(await request.body())
+        body = json.loads(await request.body())
     except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
+    _check_unicode(body)
+    return body
+
+
+def _check_unicode(body: object) -> None:
+    """JSON's `\\ud83d` escapes can spell half a character (JavaScript cuts emoji in two when
+    it truncates a string); no tokenizer or UTF-8 encoder takes such text, so it is a 400
+    here, naming the top-level field it is in, rather than a failed job later."""
+    fields = body.items() if isinstance(body, dict) else [(None, body)]
+    for name, value in fields:
+        param = name if _is_unicode(name) else None
+        if param != name or not _is_unicode(value):
+            raise InvalidRequest(
+                f"{param or 'a field name'} has text that is not valid Unicode: a lone "
+                "surrogate such as \\ud83d without its pair",
+                param=param,
+            )
+
+
+def _is_unicode(value: object) -> bool:
+    """Whether every string in `value`, keys included, encodes as UTF-8 (iterative: a body
+    may nest as deep as the JSON parser allows)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 async def read_edit_upload(request: Request, settings: Settings) -> EditUpload:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,32 @@ def test_malformed_body_is_400(fake_server: str, body: bytes) -> None:
     response = httpx.post(f"{fake_server}/v1/images/generations", content=body)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"prompt": "a \\ud83d b", "stream": true}', "prompt"),  # half an emoji, as cut by JS
+        (b'{"prompt": "a", "negative_prompt": ["\\udc80"]}', "negative_prompt"),
+        (b'{"prompt": "a", "\\udc80": 1}', None),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_before_anything_runs(
+    fake_server: str, fake_engine: FakeEngine, body: bytes, param: str | None
+) -> None:
+    response = httpx.post(f"{fake_server}/v1/images/generations", content=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"]
+    assert fake_engine.jobs == []
+
+
+def test_escaped_surrogate_pairs_are_the_characters_they_encode(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
+    body = json.dumps({"prompt": "a \U0001f600"})  # ensure_ascii: "a \\ud83d\\ude00"
+    httpx.post(f"{fake_server}/v1/images/generations", content=body)
+    assert fake_engine.jobs[0].prompt == "a \U0001f600"
 
 
 def test_every_response_has_a_request_id(fake_server: str) -> None:
