@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -29,12 +28,17 @@ def check_webhook_url(url: object, settings: Settings) -> str | None:
         return None
     if not isinstance(url, str):
         raise InvalidRequest("webhook_url must be a string", param="webhook_url")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # Parsed by the client that will send it: a URL it cannot send (a bad port, a control
+    # character) is refused now, not after the job, and the host checked is the one called.
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise InvalidRequest("webhook_url is not a valid URL", param="webhook_url") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
         raise InvalidRequest("webhook_url must be an http or https URL", param="webhook_url")
-    if parts.hostname.lower() not in {host.lower() for host in settings.webhook_allowed_hosts}:
+    if parts.host.lower() not in {host.lower() for host in settings.webhook_allowed_hosts}:
         raise InvalidRequest(
-            f"webhook_url host {parts.hostname!r} is not allowed on this server",
+            f"webhook_url host {parts.host!r} is not allowed on this server",
             param="webhook_url",
             code="webhook_host_not_allowed",
         )

@@ -34,7 +34,16 @@ async def test_an_unreachable_host_is_given_up_after_the_attempts(tmp_path: Path
 
 @pytest.mark.parametrize(
     "url",
-    ["http://localhost.evil.example/hook", "ftp://127.0.0.1/x", "http:///nohost", "127.0.0.1"],
+    [
+        "http://localhost.evil.example/hook",
+        "ftp://127.0.0.1/x",
+        "http:///nohost",
+        "127.0.0.1",
+        "http://[::1",
+        # Allowed hosts, but no client can send these: they failed only after the job ran.
+        "http://127.0.0.1:notaport/hook",
+        "http://127.0.0.1/\x00",
+    ],
 )
 def test_only_http_urls_on_allowed_hosts_are_accepted(tmp_path: Path, url: str) -> None:
     settings = make_settings(tmp_path, webhook_allowed_hosts=("127.0.0.1",))
