@@ -13,7 +13,9 @@ Who cancels whom:
   running: stopped at its next step);
 - shutdown: the task group of `running()` is cancelled, which cancels every follower and
   through it every engine job, before the engine itself is closed;
-- the engine fails the job: the record turns `failed` with a message safe for users.
+- the engine fails the job: the record turns `failed` with a message safe for users;
+- the store fails (Redis gone): that job's follower logs it and ends, and nothing else
+  stops (its task group is shared by every job, and the engine closes when it fails).
 A webhook, when asked for, is sent after the job's terminal event, whatever it was.
 """
 
@@ -160,6 +162,23 @@ class JobService:
         return len(gone)
 
     async def _follow(
+        self,
+        job_id: str,
+        following: _Following,
+        plan: ImagePlan,
+        kind: str,
+        base_url: str,
+        webhook_url: str | None,
+    ) -> None:
+        """Follow one job to its end. Nothing may escape: this task shares its group with
+        every other job's, and the lifespan closes the engine when that group fails, so a
+        store outage (Redis gone) must fail this job's record only, not the replica."""
+        try:
+            await self._follow_to_end(job_id, following, plan, kind, base_url, webhook_url)
+        except Exception:
+            logger.exception("job %s was not followed to its end", job_id)
+
+    async def _follow_to_end(
         self,
         job_id: str,
         following: _Following,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -81,3 +82,32 @@ def test_cancel_through_another_replica_is_final_everywhere(
     engine_a.release.set()
     assert wait_for(a, job["id"], "cancelled")["result"] is None
     assert events_of(f"{a}/v1/images/jobs/{job['id']}/events")[-1].name == "cancelled"
+
+
+def stop_redis(url: str) -> None:
+    import redis  # the cluster extra; redis_server() has skipped the test without it
+
+    redis.Redis.from_url(url).shutdown(nosave=True)
+
+
+def test_a_store_outage_while_a_job_runs_fails_that_job_only_and_the_replica_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    with redis_server() as redis_url:
+        settings = make_settings(tmp_path, state_store="redis", redis_url=redis_url)
+        with live_server(create_app(settings, engine)) as base:
+            job = submit(base)
+            wait_for(base, job["id"], "in_progress")
+            stop_redis(redis_url)
+            engine.release.set()  # the result now has nowhere to go
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                "was not followed to its end" in record.message for record in caplog.records
+            ):
+                if httpx.get(f"{base}/health").json()["status"] != "ok":
+                    break
+                time.sleep(0.02)
+            health = httpx.get(f"{base}/health")
+            assert health.status_code == 200 and health.json()["status"] == "ok"
