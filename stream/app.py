@@ -268,9 +268,15 @@ def _model_card(model_id: str) -> dict[str, object]:
 
 
 async def _sweep_forever(store: ResultStore, jobs: JobService, interval_s: float) -> None:
+    """Delete what expired, forever. A failed sweep (the data folder deleted, Redis gone) is
+    logged and tried again: this task shares the lifespan's group, whose end closes the
+    engine."""
     while True:
-        await store.sweep()
-        await jobs.sweep()
+        try:
+            await store.sweep()
+            await jobs.sweep()
+        except Exception:
+            logger.exception("sweep failed; retrying in %g s", interval_s)
         await anyio.sleep(interval_s)
 
 

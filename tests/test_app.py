@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -131,6 +132,21 @@ def test_an_unexpected_fault_is_a_generic_500_that_still_carries_the_request_id(
     assert response.headers["x-request-id"] == "req-from-client"
     metrics = httpx.get(f"{fake_server}/metrics").text
     assert 'route="/v1/images/generations",status="500"} 1.0' in metrics
+
+
+def test_a_failing_sweep_is_logged_and_the_server_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, sweep_interval_s=0.01)
+    with live_server(create_app(settings, FakeEngine())) as url:
+        shutil.rmtree(settings.data_dir)  # a tmp cleaner took the result folder
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "sweep failed" not in caplog.text:
+            if httpx.get(f"{url}/health").json()["status"] != "ok":
+                break
+            time.sleep(0.02)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 @pytest.mark.parametrize(
