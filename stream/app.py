@@ -258,6 +258,7 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
                 "x-fluxstream-replica",
                 "retry-after",
                 "retry-after-ms",
+                "x-should-retry",
             ],
         )
     return app

@@ -25,6 +25,7 @@ from pipeline.jobs import (
     JobFailed,
     JobHandle,
     JobRejected,
+    JobTimedOut,
     Preview,
     Queued,
     QueueFull,
@@ -269,4 +270,9 @@ def _plain_error(error: EngineError | None, plan: ImagePlan) -> APIError:
         return ServerError(str(error))
     if error is None:
         return ServiceUnavailable("the job was cancelled before it finished", code="cancelled")
+    if isinstance(error, JobTimedOut):
+        # The same job would only time out again: the SDKs must not rerun it.
+        return ServiceUnavailable(
+            str(error), code=OUTCOMES[JobTimedOut], headers={"x-should-retry": "false"}
+        )
     return ServiceUnavailable(str(error), code=OUTCOMES.get(type(error)))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from pipeline.engine import ThreadedEngine
@@ -118,3 +119,17 @@ def test_a_job_that_runs_too_long_is_stopped(tmp_path: Path, stream: bool) -> No
     else:
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "job_timeout"
+
+
+def test_the_sdk_does_not_rerun_a_job_that_ran_too_long(tmp_path: Path) -> None:
+    runner = StepRunner(step_delay_s=0.01)
+    engine = ThreadedEngine(runner, max_queued=4, max_run_s=0.2)
+    with serve(tmp_path, engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.images.generate(
+                model="flux.1-dev", prompt="a fox", extra_body={"num_inference_steps": 1000}
+            )
+    assert raised.value.status_code == 503
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert len(runner.calls) == 1
