@@ -97,8 +97,12 @@ class JobService:
         job = dataclasses.replace(plan.job, partial_images=partial_images)
         plan = dataclasses.replace(plan, job=job, partial_images=partial_images)
         handle = self.images.submit(plan)
-        record = await self.store.create()
-        await self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
+        try:
+            record = await self.store.create()
+            await self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
+        except BaseException:
+            handle.cancel()  # a job nobody can watch or fetch must not hold the engine
+            raise
         following = _Following(handle, anyio.CancelScope())
         self._following[record.id] = following
         self._group.start_soon(

@@ -76,6 +76,8 @@ class DiskResultStore:
         return name
 
     def _write(self, name: str, data: bytes) -> None:
+        # A folder removed while serving (a cleaned /tmp, say) is made again, not a 500.
+        self.root.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.root, prefix=".partial-")
         try:
             with os.fdopen(handle, "wb") as file:

@@ -111,3 +111,16 @@ def test_a_store_outage_while_a_job_runs_fails_that_job_only_and_the_replica_ser
                 time.sleep(0.02)
             health = httpx.get(f"{base}/health")
             assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_a_job_the_store_could_not_record_is_cancelled_not_left_running(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    engine.release.clear()
+    with redis_server() as redis_url:
+        settings = make_settings(tmp_path, state_store="redis", redis_url=redis_url)
+        with live_server(create_app(settings, engine)) as base:
+            stop_redis(redis_url)
+            response = httpx.post(f"{base}/v1/images/jobs", json=JOB, timeout=30)
+            engine.release.set()
+    assert response.status_code == 500
+    assert [handle.cancelled for handle in engine.handles] == [True]

@@ -35,3 +35,11 @@ async def test_sweep_deletes_only_expired_files(tmp_path: Path) -> None:
     os.utime(tmp_path / drop, (old, old))
     assert await store.sweep() == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [keep]
+
+
+async def test_a_data_folder_removed_while_serving_is_made_again(tmp_path: Path) -> None:
+    store = DiskResultStore(tmp_path / "images", ttl_s=60)
+    (tmp_path / "images").rmdir()
+    name = await store.put(b"picture", "png")
+    stored = await store.read(name)
+    assert stored is not None and stored.data == b"picture"
