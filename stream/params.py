@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from pipeline.jobs import Acceleration, EditInputs, Job, ModelProfile
 from stream.errors import InvalidRequest, NotFound
@@ -40,6 +40,17 @@ MAX_SEED = 2**32 - 1
 DEFAULT_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
 _T = TypeVar("_T")
+
+
+def _number_as_text(value: object) -> object:
+    """The reference types `megapixels` and `resolution` as strings ("1", "0.25"), but a
+    client that sends the number 1 means the same thing."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+TierText = Annotated[str, BeforeValidator(_number_as_text)]
 _R = TypeVar("_R", bound="ImageGenerationRequest")
 
 
@@ -53,8 +64,8 @@ class ImageGenerationRequest(BaseModel):
     n: int | None = Field(None, description="number of images (default 1)")
     size: str | None = Field(None, description="'WxH', 'W:H' or 'auto'")
     aspect_ratio: str | None = Field(None, description="shape, mapped to the nearest supported")
-    resolution: str | None = Field(None, description="tier: 0.5K, 1K, 2K, 4K or megapixels")
-    megapixels: str | None = Field(None, description="megapixel tier, e.g. '0.25' or '1'")
+    resolution: TierText | None = Field(None, description="tier: 0.5K, 1K, 2K, 4K or megapixels")
+    megapixels: TierText | None = Field(None, description="megapixel tier, e.g. '0.25' or '1'")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image")
     num_inference_steps: int | None = Field(None, description="denoising steps")
     cfg_scale: float | None = Field(None, description="renamed to FLUX's guidance_scale")

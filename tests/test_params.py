@@ -43,6 +43,19 @@ def test_multipart_strings_are_coerced_like_json_values(settings: Settings) -> N
     assert job.pipeline_kwargs == {"max_sequence_length": 128}
 
 
+@pytest.mark.parametrize("field", ["megapixels", "resolution"])
+def test_megapixel_tiers_sent_as_json_numbers_mean_the_same_as_strings(
+    settings: Settings, field: str
+) -> None:
+    for number, text in [(1, "1"), (0.25, "0.25")]:
+        assert plan({"prompt": "x", field: number}, settings).size == (
+            plan({"prompt": "x", field: text}, settings).size
+        )
+    with pytest.raises(InvalidRequest) as raised:
+        plan({"prompt": "x", field: True}, settings)
+    assert raised.value.param == field
+
+
 def test_null_fields_and_null_extras_mean_default(settings: Settings) -> None:
     body = {name: None for name in ("n", "quality", "acceleration", "go_fast", "strength")}
     result = plan({"prompt": "x", **body, "negative_prompt": None}, settings)
