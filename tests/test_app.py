@@ -114,7 +114,8 @@ def test_every_response_has_a_request_id(fake_server: str) -> None:
 def test_an_unexpected_fault_is_a_generic_500_that_still_carries_the_request_id(
     fake_server: str, settings: Settings
 ) -> None:
-    shutil.rmtree(settings.data_dir)  # the url result can no longer be stored
+    shutil.rmtree(settings.data_dir)
+    settings.data_dir.write_text("a file where the result folder was: nothing can be stored")
     response = httpx.post(
         f"{fake_server}/v1/images/generations",
         json={"prompt": "x", "size": "64x64"},

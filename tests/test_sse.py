@@ -75,7 +75,8 @@ def test_failure_after_the_stream_started_is_one_error_frame(
 def test_a_server_fault_after_the_stream_started_is_one_generic_error_frame(
     fake_server: str, settings: Settings
 ) -> None:
-    shutil.rmtree(settings.data_dir)  # the url result can no longer be stored
+    shutil.rmtree(settings.data_dir)
+    settings.data_dir.write_text("a file where the result folder was: nothing can be stored")
     response, text = raw_stream(
         fake_server, {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 1}
     )
