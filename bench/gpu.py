@@ -230,7 +230,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     runner = FluxRunner(pipe, profile, {"linear": fit_linear_decoder(pipe.vae)})
     started = time.perf_counter()
-    engine = ThreadedEngine(runner, max_queued=4, warmup=warmup_jobs(profile, args.size))
+    engine = ThreadedEngine(
+        runner, max_queued=4, warmup=warmup_jobs(profile, (args.size, args.size))
+    )
     while engine.status == "warming":
         await asyncio.sleep(0.05)
     warmup_s = time.perf_counter() - started

@@ -57,8 +57,8 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     return runner if checker is None else runner.with_safety_checker(checker)
 
 
-def warmup_jobs(profile: ModelProfile, side: int = 1024) -> tuple[Job, ...]:
-    """A request shaped like the default one, previews included, so that its compiled
+def warmup_jobs(profile: ModelProfile, size: tuple[int, int]) -> tuple[Job, ...]:
+    """A request of the default `size`, previews included, so that its compiled
     graphs and allocations are the ones real requests reuse.
 
     A compiled model also runs short requests that compile what the default one leaves
@@ -68,8 +68,8 @@ def warmup_jobs(profile: ModelProfile, side: int = 1024) -> tuple[Job, ...]:
     """
     default = Job(
         prompt="warm-up",
-        width=side,
-        height=side,
+        width=size[0],
+        height=size[1],
         seeds=(0,),
         num_inference_steps=profile.default_steps,
         guidance_scale=profile.default_guidance,
@@ -91,7 +91,7 @@ def create_flux_engine(
     spec: ModelSpec,
     *,
     max_queued: int,
-    warmup: bool = True,
+    warmup_size: tuple[int, int] | None,
     safety: SafetySpec | None = None,
     max_queue_wait_s: float | None = None,
     max_run_s: float | None = None,
@@ -101,7 +101,7 @@ def create_flux_engine(
     return ThreadedEngine(
         runner,
         max_queued=max_queued,
-        warmup=warmup_jobs(runner.profile) if warmup else (),
+        warmup=() if warmup_size is None else warmup_jobs(runner.profile, warmup_size),
         max_queue_wait_s=max_queue_wait_s,
         max_run_s=max_run_s,
         max_batch_size=max_batch_size,

@@ -18,6 +18,7 @@ from stream.app import create_app
 from stream.auth import load_api_keys
 from stream.settings import Settings
 from stream.shutdown import DrainingServer
+from stream.sizes import default_generation_size
 
 # After the drain, streams have ended; this only bounds a connection that will not close.
 SHUTDOWN_TIMEOUT_S = 10
@@ -76,7 +77,7 @@ def build_engine(settings: Settings) -> ImageEngine:
         return create_flux_engine(
             spec,
             max_queued=settings.max_queued,
-            warmup=settings.warmup,
+            warmup_size=default_generation_size(settings.max_pixels) if settings.warmup else None,
             safety=safety,
             max_queue_wait_s=settings.max_queue_wait_s,
             max_run_s=settings.max_run_s,

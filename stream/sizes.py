@@ -54,6 +54,11 @@ def generation_size(width: int, height: int) -> tuple[int, int]:
     return (-(-width // 16) * 16, -(-height // 16) * 16)
 
 
+def default_generation_size(max_pixels: int) -> tuple[int, int]:
+    """What a request that names no size generates: the size the warm-up runs at."""
+    return generation_size(*resolve_size(SizeRequest(), max_pixels))
+
+
 def parse_aspect_ratio(text: str, param: str) -> tuple[int, int]:
     """Map any `W:H` to the nearest supported shape, comparing ratios on a log scale."""
     match = _RATIO.match(text)

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from stream.errors import InvalidRequest
-from stream.sizes import SIZES_1K, SizeRequest, generation_size, resolve_size
+from stream.sizes import (
+    SIZES_1K,
+    SizeRequest,
+    default_generation_size,
+    generation_size,
+    resolve_size,
+)
 
 BUDGET = 4096 * 4096
 
@@ -152,3 +158,12 @@ def test_tiers_beyond_any_float_map_to_the_largest_tier(param: str) -> None:
 def test_ratios_beyond_any_float_map_to_the_most_extreme_shape() -> None:
     assert resolve_size(SizeRequest(aspect_ratio="9" * 400 + ":1"), BUDGET) == (1563, 670)
     assert resolve_size(SizeRequest(aspect_ratio="1:" + "9" * 400), BUDGET) == (670, 1564)
+
+
+@pytest.mark.parametrize(
+    ("max_pixels", "expected"), [(2048 * 2048, (1024, 1024)), (512 * 512, (512, 512))]
+)
+def test_the_warm_up_runs_at_the_size_a_request_without_one_gets(
+    max_pixels: int, expected: tuple[int, int]
+) -> None:
+    assert default_generation_size(max_pixels) == expected

@@ -84,7 +84,7 @@ def test_compiled_model_after_its_warm_up_serves_any_size_n_and_acceleration_unc
     # captures is one that inductor would compile.
     speedups = Speedups(compile="on", compile_backend="eager")
     runner = create_flux_runner(ModelSpec(cache_dir=model_cache, speedups=speedups))
-    warmups = warmup_jobs(runner.profile, side=256)
+    warmups = warmup_jobs(runner.profile, (256, 256))
     results = [runner.run(job, lambda event: None, lambda: False) for job in warmups]
     assert {result.acceleration for result in results} == {"none", "high"}
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
