@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,16 +153,22 @@ def test_unknown_attention_backend_is_refused_with_a_reason(model_cache: Path) -
         prepare_pipeline(spec)
 
 
-def test_gpu_bench_runs_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
-    out = tmp_path / "gpu.json"
+def test_gpu_session_script_runs_every_measurement_on_the_cpu_in_tiny_mode(tmp_path: Path) -> None:
+    environment = {**os.environ, "OUT": str(tmp_path), "BENCH_GPU_ARGS": "--tiny"}
+    environment["PATH"] = f"{Path(sys.executable).parent}:{environment['PATH']}"
     subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--tiny", "--repeats", "1", "--json", str(out)],
+        ["bash", "bench/gpu_session.sh"],
         check=True,
         capture_output=True,
-        timeout=300,
+        env=environment,
+        timeout=600,
     )
-    result = json.loads(out.read_text())
+    runs = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
+    assert sorted(runs) == ["bf16", "bf16-restart", "fp8"]
+    result = runs["bf16"]
     assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
     assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
     assert result["warmup_s"] > 0 and result["first_after_ready_ratio"] > 0
     assert result["attention_ms"]["native"] > 0 and result["other_shape_first_ratio"] > 0
+    assert runs["fp8"]["fp8_psnr_vs_bf16_db"] > 25
+    assert "need a CUDA GPU" in (tmp_path / "fp8-torchao.txt").read_text()
