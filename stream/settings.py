@@ -105,8 +105,10 @@ class Settings(BaseSettings):
     safety_checker_optional: bool = Field(
         True, description="whether a request may turn the safety checker off"
     )
-    preview_decoder: Literal["linear", "vae", "tiny"] = Field(
-        "linear", description="previews of requests without a 'preview' field"
+    preview_decoder: Literal["auto", "linear", "vae", "tiny"] = Field(
+        "auto",
+        description="previews of requests without a 'preview' field "
+        "(auto: tiny when --preview-tiny-vae is given, else linear)",
     )
     preview_tiny_vae: Path | None = Field(
         None, description="local diffusers folder of a tiny VAE (TAEF1) for preview 'tiny'"

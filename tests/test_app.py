@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -14,7 +15,7 @@ import pytest
 from stream.app import create_app
 from stream.settings import Settings
 from tests.conftest import make_settings, sdk_client
-from tests.fakes import FakeEngine
+from tests.fakes import PROFILE, FakeEngine
 from tests.servers import live_server
 
 
@@ -207,6 +208,19 @@ def test_preview_decoder_comes_from_the_request_or_the_server_default(tmp_path: 
             body = {"prompt": "x", "stream": True, "partial_images": 1, "preview": preview}
             assert post(url, body).status_code == 200
     assert [job.preview_decoder for job in engine.jobs] == ["vae", "linear"]
+
+
+@pytest.mark.parametrize(
+    ("decoders", "expected"), [(("linear", "vae"), "linear"), (("linear", "vae", "tiny"), "tiny")]
+)
+def test_default_previews_use_the_tiny_vae_where_one_was_given(
+    tmp_path: Path, decoders: tuple[str, ...], expected: str
+) -> None:
+    engine = FakeEngine(profile=dataclasses.replace(PROFILE, preview_decoders=decoders))
+    with live_server(create_app(make_settings(tmp_path), engine)) as url:
+        body = {"prompt": "x", "stream": True, "partial_images": 1}
+        assert post(url, body).status_code == 200
+    assert [job.preview_decoder for job in engine.jobs] == [expected]
 
 
 @pytest.mark.parametrize("preview", ["fancy", "tiny", ""])
