@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from pipeline.jobs import Acceleration, EditInputs, Job, ModelProfile
 from stream.errors import InvalidRequest, NotFound
@@ -51,6 +52,17 @@ def _number_as_text(value: object) -> object:
 
 
 TierText = Annotated[str, BeforeValidator(_number_as_text)]
+
+
+def _not_a_boolean(value: object) -> object:
+    """JSON `true` is not a number, as OpenAI answers; pydantic would take it as 1."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_a_boolean)]
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 _R = TypeVar("_R", bound="ImageGenerationRequest")
 
 
@@ -61,24 +73,24 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(description="Required. Text prompt for image generation")
     model: str | None = Field(None, description="served model id or alias")
-    n: int | None = Field(None, description="number of images (default 1)")
+    n: Integer | None = Field(None, description="number of images (default 1)")
     size: str | None = Field(None, description="'WxH', 'W:H' or 'auto'")
     aspect_ratio: str | None = Field(None, description="shape, mapped to the nearest supported")
     resolution: TierText | None = Field(None, description="tier: 0.5K, 1K, 2K, 4K or megapixels")
     megapixels: TierText | None = Field(None, description="megapixel tier, e.g. '0.25' or '1'")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image")
-    num_inference_steps: int | None = Field(None, description="denoising steps")
-    cfg_scale: float | None = Field(None, description="renamed to FLUX's guidance_scale")
-    guidance_scale: float | None = Field(None, description="FLUX's distilled guidance")
+    seed: Integer | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image")
+    num_inference_steps: Integer | None = Field(None, description="denoising steps")
+    cfg_scale: Number | None = Field(None, description="renamed to FLUX's guidance_scale")
+    guidance_scale: Number | None = Field(None, description="FLUX's distilled guidance")
     response_format: ResponseFormat | None = Field(None, description="url (default) or b64_json")
     output_format: OutputFormat | None = Field(None, description="png (default), jpeg, ...")
-    output_compression: int | None = Field(None, ge=0, le=100, description="lossy quality")
-    output_quality: int | None = Field(None, ge=0, le=100, description="lossy quality")
+    output_compression: Integer | None = Field(None, ge=0, le=100, description="lossy quality")
+    output_quality: Integer | None = Field(None, ge=0, le=100, description="lossy quality")
     stream: bool | None = Field(None, description="stream partial images as SSE")
-    partial_images: int | None = Field(None, description="previews to stream (0..3)")
+    partial_images: Integer | None = Field(None, description="previews to stream (0..3)")
     preview: str | None = Field(None, description="preview decoder: linear, vae or tiny")
     sync_mode: bool | None = Field(None, description="url results as data: URIs, nothing stored")
-    strength: float | None = Field(None, ge=0, le=1, description="edits only; no effect on T2I")
+    strength: Number | None = Field(None, ge=0, le=1, description="edits only; no effect on T2I")
     acceleration: Acceleration | None = Field(None, description="none, regular or high")
     go_fast: bool | None = Field(None, description="fp8 + compile, or the nearest speed-up")
     enable_safety_checker: bool | None = Field(None, description="fal's name")

@@ -184,6 +184,11 @@ def test_scalar_pipeline_keywords_pass_through_and_the_rest_is_reported(
         ({"true_cfg_scale": "strong"}, "true_cfg_scale"),
         ({"prompt": "   "}, "prompt"),
         ({"enable_safety_checker": True}, "enable_safety_checker"),
+        ({"n": True}, "n"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"seed": False}, "seed"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"partial_images": True}, "partial_images"),
     ],
 )
 def test_each_bad_value_is_a_400_naming_its_param(
