@@ -46,7 +46,9 @@ async def read_json(request: Request) -> object:
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError):
-        raise InvalidRequest("the request body is not valid JSON") from None
+        sent_as = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        hint = "" if sent_as in ("", "application/json") else f" (it was sent as {sent_as})"
+        raise InvalidRequest(f"the request body is not valid JSON{hint}") from None
     _check_unicode(body)
     return body
 

@@ -80,6 +80,17 @@ def test_malformed_body_is_400(fake_server: str, body: bytes) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_a_form_encoded_body_is_a_400_that_says_how_it_was_sent(
+    fake_server: str, path: str
+) -> None:
+    response = httpx.post(f"{fake_server}{path}", data={"prompt": "x"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "the request body is not valid JSON (it was sent as application/x-www-form-urlencoded)"
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
