@@ -43,7 +43,7 @@ if not CHROMIUM.exists():
         allow_module_level=True,
     )
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright  # noqa: E402
 
 PARTIAL = '#preview[data-kind="partial"][data-index="{}"]'
 # Waits end as soon as the page shows the value; the limit only bounds a failing test on a
@@ -235,3 +235,92 @@ def test_page_asks_for_the_api_key_then_uses_it_for_calls_and_events(
         expect(page.locator("#gallery .card")).to_have_count(1)
         context.close()
     assert guarded.by_query and all(path.endswith("/events") for path in guarded.by_query)
+
+
+def test_page_fits_a_phone_screen_without_sideways_scrolling(
+    browser: Browser, page_server: str
+) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740})
+    page = context.new_page()
+    page.goto(page_server)
+    widths = page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    canvas = page.locator("#canvas").bounding_box()
+    stage = page.locator("#stage").bounding_box()
+    context.close()
+    assert widths[0] <= widths[1], "the page scrolls sideways on a phone"
+    assert canvas is not None and stage is not None
+    assert canvas["x"] + canvas["width"] <= stage["x"] + stage["width"]
+
+
+def job_posts(page: Page) -> list[str]:
+    """The bodies of the job submissions the page sends, as it sends them."""
+    posts: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            posts.append(request.post_data or "")
+            if request.method == "POST" and request.url.endswith("/v1/images/jobs")
+            else None
+        ),
+    )
+    return posts
+
+
+def test_ctrl_enter_during_a_job_does_not_start_a_second_one(
+    page: Page, held_runner: HeldRunner
+) -> None:
+    posts = job_posts(page)
+    start(page, "one at a time")
+    page.wait_for_selector(PARTIAL.format(0))
+    page.press("#prompt", "Control+Enter")
+    expect(page.locator("#generate")).to_be_disabled()
+    held_runner.free()
+    page.wait_for_selector('#preview[data-kind="final"]')
+    expect(page.locator("#gallery .card")).to_have_count(1)
+    assert len(posts) == 1
+
+
+def test_a_new_job_clears_the_last_image_and_pulses_while_it_waits(
+    page: Page, held_runner: HeldRunner
+) -> None:
+    held_runner.free()
+    start(page, "the first picture")
+    page.wait_for_selector('#preview[data-kind="final"]')
+    held: list[Route] = []
+    page.route("**/v1/images/jobs", lambda route: held.append(route))
+    page.fill("#prompt", "the second picture")
+    page.click("#generate")
+    expect(page.locator("#step-label")).to_have_text("submitting")
+    assert page.evaluate("document.querySelector('#preview').hasAttribute('src')") is False
+    expect(page.locator("#placeholder")).to_be_visible()
+    assert page.evaluate("getComputedStyle(document.querySelector('#bar-fill')).width") != "0px"
+    while not held:
+        page.wait_for_timeout(10)
+    held[0].continue_()
+    page.unroute("**/v1/images/jobs")
+    page.wait_for_selector('#preview[data-kind="final"]')
+    expect(page.locator("#gallery .card")).to_have_count(2)
+
+
+def test_progress_is_announced_but_the_ticking_clock_is_not(page: Page) -> None:
+    expect(page.get_by_role("progressbar", name="progress")).to_be_attached()
+    live = "(id) => document.getElementById(id).closest('[aria-live]:not([aria-live=off])')"
+    assert page.evaluate(live, "elapsed") is None
+    assert page.evaluate(live, "step-label") is not None
+
+
+def test_a_wrong_api_key_is_called_wrong_not_missing(browser: Browser, tmp_path: Path) -> None:
+    guarded = KeyRequired(create_app(make_settings(tmp_path), FakeEngine()), key="sk-test")
+    with live_server(guarded) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url)
+        page.click("#key-box summary")
+        page.fill("#api-key", "sk-typo")
+        page.fill("#prompt", "a key")
+        page.click("#generate")
+        expect(page.locator("#message")).to_contain_text("did not accept")
+        expect(page.locator("#api-key")).to_be_visible()
+        context.close()

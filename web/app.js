@@ -94,6 +94,13 @@ const ui = {
   label(text) {
     $("step-label").textContent = text;
   },
+  // A new job starts from an empty stage: the last image is not this job's, and the bar
+  // without a width of its own pulses while the job waits.
+  clear() {
+    $("preview").removeAttribute("src");
+    $("bar-fill").style.removeProperty("width");
+    $("bar").removeAttribute("aria-valuenow");
+  },
   image(src, kind, index, blur) {
     const img = $("preview");
     img.dataset.kind = kind;
@@ -225,7 +232,9 @@ function finished(snapshot) {
 function explain(error, what) {
   if (error.status === 401) {
     $("key-box").open = true;
-    return "This server needs an API key: enter it under “API key” at the top right.";
+    return apiKey()
+      ? "This server did not accept the API key: check it under “API key” at the top right."
+      : "This server needs an API key: enter it under “API key” at the top right.";
   }
   if (error.status === 404 && error.code === "job_not_found") {
     return "That job is gone: finished jobs are kept for a while, then dropped.";
@@ -338,6 +347,8 @@ function requestBody(settings) {
 
 async function generate(event) {
   event.preventDefault();
+  // Ctrl+Enter submits even while the button is disabled: one job at a time.
+  if ($("generate").disabled) return;
   const settings = readSettings();
   if (!settings.prompt) {
     ui.message("Write a prompt first.", "info");
@@ -347,7 +358,7 @@ async function generate(event) {
   ui.message("");
   ui.setState("queued");
   ui.label("submitting");
-  $("bar-fill").style.width = "0";
+  ui.clear();
   const startedAt = Date.now();
   try {
     const job = await api("/v1/images/jobs", {
