@@ -324,3 +324,52 @@ def test_a_wrong_api_key_is_called_wrong_not_missing(browser: Browser, tmp_path:
         expect(page.locator("#message")).to_contain_text("did not accept")
         expect(page.locator("#api-key")).to_be_visible()
         context.close()
+
+
+def test_a_job_the_server_no_longer_knows_is_reported_lost(
+    page: Page, held_runner: HeldRunner
+) -> None:
+    held_runner.free()
+    gone = error_body(
+        "this job does not exist or has expired",
+        type="invalid_request_error",
+        code="job_not_found",
+    )
+    # What a watcher meets after the server restarted: events and job both answer 404.
+    page.route("**/v1/images/jobs/**", lambda route: route.fulfill(status=404, json=gone))
+    start(page, "lost on a restart")
+    expect(page.locator("#message")).to_contain_text("restarted")
+    expect(page.locator("#step-label")).to_have_text("lost")
+    expect(page.locator("#stage")).to_have_attribute("data-state", "error")
+    expect(page.locator("#generate")).to_be_enabled()
+
+
+def test_cancel_that_arrives_after_the_image_keeps_the_gallery_card_whole(
+    page: Page, held_runner: HeldRunner
+) -> None:
+    held: list[Route] = []
+
+    def hold_cancels(route: Route) -> None:
+        if route.request.method == "DELETE":
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/v1/images/jobs/*", hold_cancels)
+    page.click('label:has(input[value="4:3"])')
+    start(page, "finished first")
+    page.wait_for_selector(PARTIAL.format(0))
+    page.click("#cancel")
+    while not held:
+        page.wait_for_timeout(10)
+    held_runner.free()
+    page.wait_for_selector('#preview[data-kind="final"]')
+    held[0].continue_()
+    expect(page.locator("#cancel")).to_be_enabled()
+    card = page.locator("#gallery .card")
+    expect(card).to_have_count(1)
+    expect(card.locator(".prompt")).to_have_text("finished first")
+    page.click('label:has(input[value="1:1"])')
+    card.locator(".reuse").click()
+    expect(page.locator('input[name="aspect"][value="4:3"]')).to_be_checked()
+    expect(page.locator("#message")).to_be_hidden()

@@ -203,6 +203,7 @@ async function recover(current) {
     if (watching !== current) return;
     stopWatching();
     ui.setState("error");
+    ui.label("lost");
     ui.message(explain(error, "The job could not be followed"));
   }
 }
@@ -237,7 +238,7 @@ function explain(error, what) {
       : "This server needs an API key: enter it under “API key” at the top right.";
   }
   if (error.status === 404 && error.code === "job_not_found") {
-    return "That job is gone: finished jobs are kept for a while, then dropped.";
+    return "That job is gone: the server restarted, or the job finished too long ago.";
   }
   if (error.status === 429) return "The server is busy. Try again in a few seconds.";
   return `${what}: ${error.message}`;
@@ -375,12 +376,14 @@ async function generate(event) {
 
 async function cancel() {
   if (!watching) return;
-  const { id } = watching;
+  const current = watching;
   $("cancel").disabled = true;
   try {
-    finished(await api(jobPath(id), { method: "DELETE" }));
+    const snapshot = await api(jobPath(current.id), { method: "DELETE" });
+    // The job may have ended on its own meanwhile, and its events have shown it already.
+    if (watching === current) finished(snapshot);
   } catch (error) {
-    ui.message(explain(error, "The job could not be cancelled"));
+    if (watching === current) ui.message(explain(error, "The job could not be cancelled"));
   } finally {
     $("cancel").disabled = false;
   }
