@@ -237,12 +237,16 @@ def test_page_asks_for_the_api_key_then_uses_it_for_calls_and_events(
     assert guarded.by_query and all(path.endswith("/events") for path in guarded.by_query)
 
 
-def test_page_fits_a_phone_screen_without_sideways_scrolling(
+def test_page_fits_a_small_phone_screen_without_sideways_scrolling(
     browser: Browser, page_server: str
 ) -> None:
-    context = browser.new_context(viewport={"width": 375, "height": 740})
+    context = browser.new_context(viewport={"width": 320, "height": 640})
     page = context.new_page()
+    # --model may name a local folder, and /health reports it as the model.
+    model = "/srv/models/black-forest-labs--FLUX.1-dev/snapshots/0123456789abcdef"
+    page.route("**/health", lambda route: route.fulfill(json={"status": "ok", "model": model}))
     page.goto(page_server)
+    expect(page.locator("#model")).to_have_text(model)
     widths = page.evaluate(
         "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
     )
@@ -304,8 +308,9 @@ def test_a_new_job_clears_the_last_image_and_pulses_while_it_waits(
     expect(page.locator("#gallery .card")).to_have_count(2)
 
 
-def test_progress_is_announced_but_the_ticking_clock_is_not(page: Page) -> None:
+def test_screen_readers_hear_names_and_progress_but_not_the_ticking_clock(page: Page) -> None:
     expect(page.get_by_role("progressbar", name="progress")).to_be_attached()
+    expect(page.get_by_role("button", name="random seed")).to_be_visible()
     live = "(id) => document.getElementById(id).closest('[aria-live]:not([aria-live=off])')"
     assert page.evaluate(live, "elapsed") is None
     assert page.evaluate(live, "step-label") is not None

@@ -412,6 +412,7 @@ async function showModel() {
   try {
     const health = await api("/health");
     $("model").textContent = health.model || "";
+    $("model").title = `served model: ${health.model}`;
     partialImages = Math.min(partialImages, health.max_partial_images ?? partialImages);
   } catch {
     // The model badge is decoration; the page works without it.
