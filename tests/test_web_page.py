@@ -7,6 +7,7 @@ browser shows between previews is observed without any timing assumption.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,7 +317,9 @@ def test_screen_readers_hear_names_and_progress_but_not_the_ticking_clock(page: 
     assert page.evaluate(live, "step-label") is not None
 
 
-def test_a_wrong_api_key_is_called_wrong_not_missing(browser: Browser, tmp_path: Path) -> None:
+def test_a_wrong_api_key_is_called_wrong_and_its_field_gets_the_focus(
+    browser: Browser, tmp_path: Path
+) -> None:
     guarded = KeyRequired(create_app(make_settings(tmp_path), FakeEngine()), key="sk-test")
     with live_server(guarded) as url:
         context = browser.new_context()
@@ -327,7 +330,7 @@ def test_a_wrong_api_key_is_called_wrong_not_missing(browser: Browser, tmp_path:
         page.fill("#prompt", "a key")
         page.click("#generate")
         expect(page.locator("#message")).to_contain_text("did not accept")
-        expect(page.locator("#api-key")).to_be_visible()
+        expect(page.locator("#api-key")).to_be_focused()
         context.close()
 
 
@@ -378,3 +381,27 @@ def test_cancel_that_arrives_after_the_image_keeps_the_gallery_card_whole(
     card.locator(".reuse").click()
     expect(page.locator('input[name="aspect"][value="4:3"]')).to_be_checked()
     expect(page.locator("#message")).to_be_hidden()
+
+
+def test_every_control_shapes_the_request_it_sends(page: Page, held_runner: HeldRunner) -> None:
+    held_runner.free()
+    posts = job_posts(page)
+    page.fill("#prompt", "  every control  ")
+    page.click('label:has(input[value="3:2"])')
+    page.select_option("#resolution", "2K")
+    page.fill("#steps", "12")
+    page.fill("#seed", "42")
+    page.press("#seed", "Enter")
+    expect(page.locator("#step-label")).to_contain_text("done")
+    page.click("#dice")
+    page.fill("#steps", "0")
+    page.select_option("#resolution", "0.5K")
+    page.click("#generate")
+    page.wait_for_selector('#preview[data-kind="final"]')
+    first, second = (json.loads(body) for body in posts)
+    assert first["prompt"] == "every control"
+    assert (first["aspect_ratio"], first["resolution"]) == ("3:2", "2K")
+    assert (first["num_inference_steps"], first["seed"]) == (12, 42)
+    assert second["seed"] != 42 and str(second["seed"]) == page.input_value("#seed")
+    assert "num_inference_steps" not in second and second["resolution"] == "0.5K"
+    expect(page.locator("#step-label")).to_contain_text(f"seed {second['seed']}")

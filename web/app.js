@@ -233,6 +233,7 @@ function finished(snapshot) {
 function explain(error, what) {
   if (error.status === 401) {
     $("key-box").open = true;
+    $("api-key").focus();
     return apiKey()
       ? "This server did not accept the API key: check it under “API key” at the top right."
       : "This server needs an API key: enter it under “API key” at the top right.";
