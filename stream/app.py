@@ -47,6 +47,7 @@ from stream.params import (
 )
 from stream.serving import ImageService
 from stream.settings import Settings
+from stream.shutdown import InFlight, InFlightMiddleware
 from stream.state import build_stores
 from stream.store import ResultStore
 from stream.uploads import EditUpload, read_edit_upload, read_json
@@ -90,7 +91,8 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
     store, job_store = build_stores(settings)
     metrics = Metrics(engine.load)
     service = ImageService(settings, engine, store, metrics)
-    jobs = JobService(service, job_store)
+    in_flight = InFlight()
+    jobs = JobService(service, job_store, in_flight)
 
     async def generations(request: Request) -> Response:
         plan = plan_generation(
@@ -242,7 +244,9 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
     )
     # Added innermost first: CORS sees every answer, the request id is on every answer
     # (401, 413 and 500 included), and the metrics count them.
+    app.state.in_flight = in_flight
     app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(InFlightMiddleware, in_flight=in_flight)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=load_api_keys(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -20,8 +20,12 @@ from stream.settings import Settings
 from stream.shutdown import DrainingServer
 from stream.sizes import default_generation_size
 
+# After the engine is done: how long the last results may take to be encoded, stored and
+# sent (a stream following a job on another replica would otherwise hold the drain).
+FLUSH_TIMEOUT_S = 30
 # After the drain, streams have ended; this only bounds a connection that will not close.
 SHUTDOWN_TIMEOUT_S = 10
+logger = logging.getLogger(__name__)
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:
@@ -127,5 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
     )
-    DrainingServer(config, drain=lambda: engine.aclose(settings.shutdown_grace_s)).run()
+
+    async def drain() -> None:
+        await engine.aclose(settings.shutdown_grace_s)
+        if not await app.state.in_flight.wait_idle(FLUSH_TIMEOUT_S):
+            logger.warning("stopping with answers still in flight")
+
+    DrainingServer(config, drain=drain).run()
     return 0

@@ -48,6 +48,7 @@ from stream.errors import NotFound, ServiceUnavailable, error_body
 from stream.jobs import JobEvent, JobRecord, JobStore
 from stream.params import ImagePlan
 from stream.serving import ImageService, refusal
+from stream.shutdown import InFlight
 from stream.watch import JobWatch
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,11 @@ class _Following:
 
 
 class JobService:
-    def __init__(self, images: ImageService, store: JobStore) -> None:
+    def __init__(self, images: ImageService, store: JobStore, in_flight: InFlight) -> None:
         self.images = images
         self.settings = images.settings
         self.store = store
+        self._in_flight = in_flight
         self._group: anyio.abc.TaskGroup | None = None
         self._following: dict[str, _Following] = {}
 
@@ -178,7 +180,8 @@ class JobService:
         every other job's, and the lifespan closes the engine when that group fails, so a
         store outage (Redis gone) must fail this job's record only, not the replica."""
         try:
-            await self._follow_to_end(job_id, following, plan, kind, base_url, webhook_url)
+            async with self._in_flight.track():
+                await self._follow_to_end(job_id, following, plan, kind, base_url, webhook_url)
         except Exception:
             logger.exception("job %s was not followed to its end", job_id)
 

@@ -9,7 +9,9 @@ drain instead, and only when it is done does uvicorn's own shutdown begin:
 2. accepted jobs get `shutdown_grace_s` seconds to finish; their streams end normally;
 3. what is left is stopped at its next step: its stream gets one `error` frame
    (`code: shutdown`), a plain request a 503;
-4. uvicorn's shutdown: the streams have ended, connections close, the lifespan joins the
+4. the answers in flight are let finish (`InFlight`): a job's last result is encoded,
+   stored and sent after the engine is done with it, by a request or a job's follower;
+5. uvicorn's shutdown: the streams have ended, connections close, the lifespan joins the
    engine thread, and the process exits. A second signal skips what is left of the drain.
 Url results are written to a temporary name and renamed (`stream.store`), so a shutdown at
 any point leaves no partial file under a served name.
@@ -18,11 +20,14 @@ any point leaves no partial file under a served name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import FrameType
 
+import anyio
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +59,43 @@ class DrainingServer(uvicorn.Server):
             await self._drain()
         finally:
             super().handle_exit(sig, frame)
+
+
+class InFlight:
+    """Counts the work that still answers a client: HTTP requests (streams included) and
+    the jobs API's followers, which encode and record a result after the engine is done."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        self._count += 1
+        self._idle = anyio.Event() if self._count == 1 else self._idle
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Whether everything in flight ended within `timeout_s`."""
+        with anyio.move_on_after(timeout_s):
+            await self._idle.wait()
+        return self._count == 0
+
+
+class InFlightMiddleware:
+    def __init__(self, app: ASGIApp, in_flight: InFlight) -> None:
+        self.app = app
+        self.in_flight = in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        async with self.in_flight.track():
+            await self.app(scope, receive, send)

@@ -91,3 +91,28 @@ def test_sigterm_drains_then_stops_what_outlasts_the_grace_period_and_exits(
     assert second_last["type"] == "error"
     assert second_last["error"]["code"] == "shutdown"  # type: ignore[index]
     assert not [path for path in data_dir.iterdir() if path.name.startswith(".partial")]
+
+
+def test_results_finished_during_the_drain_reach_their_stream_and_their_job(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """The engine finishing a job is not the end of it: its image is still to be encoded,
+    stored and sent, by the request's stream and by the job's follower."""
+    # AVIF encodes slowly: the engine is done with the job well before its answer is.
+    big = {"prompt": "x", "size": "1024x1024", "num_inference_steps": 3, "output_format": "avif"}
+    with server_process(model_cache, tmp_path / "images", grace_s=60) as (process, url):
+        job = httpx.post(f"{url}/v1/images/jobs", json=big, timeout=30).json()
+        with (
+            httpx.stream(
+                "POST", f"{url}/v1/images/generations", json={**big, "stream": True}, timeout=120
+            ) as streamed,
+            httpx.stream("GET", f"{url}/v1/images/jobs/{job['id']}/events", timeout=120) as events,
+        ):
+            job_lines = events.iter_lines()
+            assert next(line for line in job_lines if line.startswith("event: "))
+            process.send_signal(signal.SIGTERM)
+            streamed_types = [event["type"] for event in data_lines(streamed.iter_lines())]
+            job_events = [line for line in job_lines if line.startswith("event: ")]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert streamed_types[-1] == "image_generation.completed"
+    assert job_events[-1] == "event: completed"
