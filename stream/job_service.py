@@ -15,7 +15,9 @@ Who cancels whom:
   through it every engine job, before the engine itself is closed;
 - the engine fails the job: the record turns `failed` with a message safe for users;
 - the store fails (Redis gone): that job's follower logs it and ends, and nothing else
-  stops (its task group is shared by every job, and the engine closes when it fails).
+  stops (its task group is shared by every job, and the engine closes when it fails);
+- this process dies: it stops renewing its jobs' leases (`keep_alive`), and a shared
+  store fails them for whoever reads them next.
 A webhook, when asked for, is sent after the job's terminal event, whatever it was.
 """
 
@@ -44,8 +46,8 @@ from pipeline.jobs import (
     Result,
 )
 from stream import sse, webhooks
-from stream.errors import NotFound, ServiceUnavailable, error_body
-from stream.jobs import JobEvent, JobRecord, JobStore
+from stream.errors import NotFound, ServiceUnavailable
+from stream.jobs import JobEvent, JobRecord, JobStore, failure
 from stream.params import ImagePlan
 from stream.serving import ImageService, refusal
 from stream.shutdown import InFlight
@@ -74,6 +76,7 @@ class JobService:
         """Own the follower tasks for the app's lifetime; leaving cancels them all."""
         async with anyio.create_task_group() as group:
             self._group = group
+            group.start_soon(self._keep_alive_forever)
             try:
                 yield
             finally:
@@ -125,9 +128,7 @@ class JobService:
             return record
         # The terminal event in the store is what cancels: the replica running the job
         # (this one or another, with a shared store) sees its next append refused.
-        await self.store.append(
-            job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
-        )
+        await self.store.append(job_id, "cancelled", _cancelled(job_id))
         following = self._following.get(job_id)
         if following is not None:
             following.handle.cancel()
@@ -166,6 +167,15 @@ class JobService:
         for name in names:
             await self.images.store.delete(name)
         return len(gone)
+
+    async def _keep_alive_forever(self) -> None:
+        """Renew the leases of the jobs this process runs, several times per lease."""
+        while True:
+            try:
+                await self.store.keep_alive(list(self._following))
+            except Exception as error:
+                logger.warning("job leases were not renewed: %s", error)
+            await anyio.sleep(self.settings.job_lease_s / 4)
 
     async def _follow(
         self,
@@ -232,23 +242,19 @@ class JobService:
                     data = {"id": job_id, "status": "completed", "result": body}
                     await append(job_id, "completed", data, tuple(files))
         except JobCancelled:
-            await append(
-                job_id, "cancelled", _failure(job_id, "cancelled", "the job was cancelled")
-            )
+            await append(job_id, "cancelled", _cancelled(job_id))
         except (ContentFiltered, JobRejected) as refused:
             error = refusal(refused, plan).body()["error"]
             await append(job_id, "failed", {"id": job_id, "status": "failed", "error": error})
         except EngineError as error:
             message = str(error) or "the image could not be generated"
-            await append(job_id, "failed", _failure(job_id, "failed", message))
+            await append(job_id, "failed", failure(job_id, "failed", message))
         except Exception:
             logger.exception("job %s failed while its results were prepared", job_id)
             await append(
-                job_id, "failed", _failure(job_id, "failed", "the server hit an internal error")
+                job_id, "failed", failure(job_id, "failed", "the server hit an internal error")
             )
 
 
-def _failure(job_id: str, status: str, message: str) -> dict[str, Any]:
-    code = "cancelled" if status == "cancelled" else None
-    error = error_body(message, type="server_error", code=code)["error"]
-    return {"id": job_id, "status": status, "error": error}
+def _cancelled(job_id: str) -> dict[str, Any]:
+    return failure(job_id, "cancelled", "the job was cancelled", "cancelled")

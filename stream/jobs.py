@@ -18,11 +18,13 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import anyio
+
+from stream.errors import error_body
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -83,6 +85,11 @@ class JobStore(Protocol):
     async def sweep(self, now: float) -> list[JobRecord]:
         """Remove and return the records that finished more than the retention ago, and
         trim the buffers of the other finished ones to their terminal event."""
+        ...
+
+    async def keep_alive(self, job_ids: Collection[str]) -> None:
+        """Say that this process still runs these jobs. A shared store fails an unfinished
+        job whose process stopped saying so (it died), for whoever reads the job next."""
         ...
 
 
@@ -157,6 +164,9 @@ class MemoryJobStore:
                 entry.buffer.append(terminal)
         return gone
 
+    async def keep_alive(self, job_ids: Collection[str]) -> None:
+        return  # the jobs die with the process that reads them
+
     def _is_expired(self, record: JobRecord, now: float) -> bool:
         return record.finished_at is not None and now - record.finished_at > self.retention_s
 
@@ -173,3 +183,9 @@ def apply_event(record: JobRecord, event: JobEvent, files: tuple[str, ...]) -> N
         record.result = event.data.get("result")
         record.error = event.data.get("error")
         record.finished_at = time.time()
+
+
+def failure(job_id: str, status: str, message: str, code: str | None = None) -> dict[str, Any]:
+    """The data of a `failed` or `cancelled` event: the error in the OpenAI shape."""
+    error = error_body(message, type="server_error", code=code)["error"]
+    return {"id": job_id, "status": status, "error": error}

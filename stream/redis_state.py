@@ -9,6 +9,9 @@ The same `JobStore` and `ResultStore` interfaces as the in-process defaults, on 
   later appends return None, which tells the running replica to stop its job;
 - finished jobs sit in a sorted set by finish time, so a sweep on any replica finds the
   ones whose retention ran out and hands their result files to be deleted;
+- the replica running a job renews a lease key on it (`keep_alive`); a replica that reads
+  an unfinished job whose lease ran out (its replica died, or stopped without recording an
+  outcome) fails it, so its watchers get a `failed` event instead of waiting for a day;
 - result files are plain keys with a TTL of `url_ttl_s`.
 """
 
@@ -22,28 +25,36 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import WatchError
 
-from stream.jobs import TERMINAL, JobEvent, JobRecord, apply_event
+from stream.jobs import TERMINAL, JobEvent, JobRecord, apply_event, failure
 from stream.store import StoredImage, is_valid_name, media_type_of, new_name
 
 # Unfinished jobs keep their keys this long at most, so a crashed replica leaves no litter.
 UNFINISHED_TTL_S = 24 * 3600
 BLOCK_MS = 1000
+LOST = "the server replica running this job stopped before it finished; submit it again"
 
 
 class RedisJobStore:
     def __init__(
-        self, client: redis.Redis, *, buffer_size: int, retention_s: float, prefix: str
+        self,
+        client: redis.Redis,
+        *,
+        buffer_size: int,
+        retention_s: float,
+        lease_s: float,
+        prefix: str,
     ) -> None:
         self.client = client
         self.buffer_size = buffer_size
         self.retention_s = retention_s
+        self.lease_ms = max(1, int(lease_s * 1000))
         self.prefix = prefix
 
     def _record_key(self, job_id: str) -> str:
@@ -52,16 +63,36 @@ class RedisJobStore:
     def _events_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    def _lease_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:lease"
+
     @property
     def _finished_key(self) -> str:
         return f"{self.prefix}:jobs:finished"
 
     async def create(self) -> JobRecord:
         record = JobRecord(id=f"imgjob_{secrets.token_urlsafe(18)}", created=int(time.time()))
-        await self.client.set(self._record_key(record.id), _dump(record), ex=UNFINISHED_TTL_S)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self._record_key(record.id), _dump(record), ex=UNFINISHED_TTL_S)
+            pipe.set(self._lease_key(record.id), 1, px=self.lease_ms)
+            await pipe.execute()
         return record
 
+    async def keep_alive(self, job_ids: Collection[str]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.set(self._lease_key(job_id), 1, px=self.lease_ms)
+            await pipe.execute()
+
     async def get(self, job_id: str) -> JobRecord | None:
+        record = await self._read(job_id)
+        if record is None or record.finished or await self.client.exists(self._lease_key(job_id)):
+            return record
+        # Refused if the job finished meanwhile: either way, the record is read again.
+        await self.append(job_id, "failed", failure(job_id, "failed", LOST, "replica_failed"))
+        return await self._read(job_id)
+
+    async def _read(self, job_id: str) -> JobRecord | None:
         raw = await self.client.get(self._record_key(job_id))
         if raw is None:
             return None
@@ -123,6 +154,7 @@ class RedisJobStore:
                     yield JobEvent(int(cursor.split("-")[1]), name, json.loads(fields[b"data"]))
                     if name in TERMINAL:
                         return
+            # `get` also fails the job if its replica died; the next read yields that event.
             if not reply and await self.get(job_id) is None:
                 return
 

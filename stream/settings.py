@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     job_event_buffer: int = Field(
         64, ge=1, description="events kept per job for resuming browsers (Last-Event-ID)"
     )
+    job_lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="with Redis: an unfinished job whose replica stopped renewing it this long"
+        " is failed",
+    )
     webhook_allowed_hosts: tuple[str, ...] = Field(
         (), description="hosts a job's webhook_url may name; empty: webhooks are refused"
     )

@@ -26,6 +26,7 @@ def build_stores(settings: Settings) -> tuple[ResultStore, JobStore]:
                 client,
                 buffer_size=settings.job_event_buffer,
                 retention_s=settings.job_ttl_s,
+                lease_s=settings.job_lease_s,
                 prefix=prefix,
             ),
         )

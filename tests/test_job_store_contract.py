@@ -29,7 +29,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[JobStore]:
 
     client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
     prefix = f"test-{secrets.token_hex(4)}"
-    yield RedisJobStore(client, buffer_size=3, retention_s=60, prefix=prefix)
+    yield RedisJobStore(client, buffer_size=3, retention_s=60, lease_s=60, prefix=prefix)
     await client.aclose()
 
 

@@ -124,3 +124,33 @@ def test_a_job_the_store_could_not_record_is_cancelled_not_left_running(tmp_path
             engine.release.set()
     assert response.status_code == 500
     assert [handle.cancelled for handle in engine.handles] == [True]
+
+
+def test_a_job_whose_replica_stopped_fails_for_those_watching_on_another(
+    tmp_path: Path,
+) -> None:
+    with redis_server() as url:
+        engine_a = FakeEngine()
+        engine_a.release.clear()
+        apps = [
+            create_app(
+                make_settings(
+                    tmp_path / name,
+                    state_store="redis",
+                    redis_url=url,
+                    replica_name=name,
+                    job_lease_s=0.5,
+                ),
+                engine,
+            )
+            for name, engine in (("A", engine_a), ("B", FakeEngine()))
+        ]
+        with live_server(apps[1]) as b:
+            with live_server(apps[0]) as a:
+                job = submit(a, {**JOB, "partial_images": 0})
+                wait_for(b, job["id"], "in_progress")
+            # A is gone without recording an outcome; its lease runs out.
+            failed = wait_for(b, job["id"], "failed")
+            assert failed["error"]["code"] == "replica_failed"
+            events = events_of(f"{b}/v1/images/jobs/{job['id']}/events")
+            assert [event.name for event in events][-1] == "failed"
