@@ -10,7 +10,8 @@ Who cancels whom:
 - a watcher disconnects: only its SSE response ends; the job runs on;
 - `DELETE /v1/images/jobs/{id}`: the record turns `cancelled` at once, the follower task's
   cancel scope is cancelled, and the engine handle is cancelled (queued: dropped;
-  running: stopped at its next step);
+  running: stopped at its next step); through another replica, the running one learns it
+  at its next append or lease renewal, whichever comes first;
 - shutdown: the task group of `running()` is cancelled, which cancels every follower and
   through it every engine job, before the engine itself is closed;
 - the engine fails the job: the record turns `failed` with a message safe for users;
@@ -129,11 +130,15 @@ class JobService:
         # The terminal event in the store is what cancels: the replica running the job
         # (this one or another, with a shared store) sees its next append refused.
         await self.store.append(job_id, "cancelled", _cancelled(job_id))
+        self._stop(job_id)
+        return await self.get(job_id)
+
+    def _stop(self, job_id: str) -> None:
+        """Stop following a job of this process whose record is final, and its engine work."""
         following = self._following.get(job_id)
         if following is not None:
             following.handle.cancel()
             following.scope.cancel()
-        return await self.get(job_id)
 
     def snapshot(self, record: JobRecord, base_url: str) -> dict[str, Any]:
         """What `GET /v1/images/jobs/{id}` answers, the 202 of submit, and the webhook body."""
@@ -169,12 +174,17 @@ class JobService:
         return len(gone)
 
     async def _keep_alive_forever(self) -> None:
-        """Renew the leases of the jobs this process runs, several times per lease."""
+        """Renew the leases of the jobs this process runs, several times per lease, and stop
+        those finished elsewhere: a queued job cancelled through another replica sends no
+        event whose refused append would tell."""
         while True:
             try:
-                await self.store.keep_alive(list(self._following))
+                finished = await self.store.keep_alive(list(self._following))
             except Exception as error:
                 logger.warning("job leases were not renewed: %s", error)
+                finished = set()
+            for job_id in finished:
+                self._stop(job_id)
             await anyio.sleep(self.settings.job_lease_s / 4)
 
     async def _follow(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -87,9 +87,12 @@ class JobStore(Protocol):
         trim the buffers of the other finished ones to their terminal event."""
         ...
 
-    async def keep_alive(self, job_ids: Collection[str]) -> None:
-        """Say that this process still runs these jobs. A shared store fails an unfinished
-        job whose process stopped saying so (it died), for whoever reads the job next."""
+    async def keep_alive(self, job_ids: Sequence[str]) -> set[str]:
+        """Say that this process still runs these jobs; returns those of them that finished
+        without it (cancelled through another replica, or gone), which it should stop.
+
+        A shared store fails an unfinished job whose process stopped saying so (it died),
+        for whoever reads the job next."""
         ...
 
 
@@ -164,8 +167,8 @@ class MemoryJobStore:
                 entry.buffer.append(terminal)
         return gone
 
-    async def keep_alive(self, job_ids: Collection[str]) -> None:
-        return  # the jobs die with the process that reads them
+    async def keep_alive(self, job_ids: Sequence[str]) -> set[str]:
+        return set()  # only this process cancels its jobs, and it stops them itself
 
     def _is_expired(self, record: JobRecord, now: float) -> bool:
         return record.finished_at is not None and now - record.finished_at > self.retention_s

@@ -9,8 +9,9 @@ The same `JobStore` and `ResultStore` interfaces as the in-process defaults, on 
   later appends return None, which tells the running replica to stop its job;
 - finished jobs sit in a sorted set by finish time, so a sweep on any replica finds the
   ones whose retention ran out and hands their result files to be deleted;
-- the replica running a job renews a lease key on it (`keep_alive`); a replica that reads
-  an unfinished job whose lease ran out (its replica died, or stopped without recording an
+- the replica running a job renews a lease key on it (`keep_alive`) and learns then of
+  jobs cancelled elsewhere, even queued ones that send no events; a replica that reads an
+  unfinished job whose lease ran out (its replica died, or stopped without recording an
   outcome) fails it, so its watchers get a `failed` event instead of waiting for a day;
 - result files are plain keys with a TTL of `url_ttl_s`.
 """
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,11 +79,18 @@ class RedisJobStore:
             await pipe.execute()
         return record
 
-    async def keep_alive(self, job_ids: Collection[str]) -> None:
+    async def keep_alive(self, job_ids: Sequence[str]) -> set[str]:
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.set(self._lease_key(job_id), 1, px=self.lease_ms)
-            await pipe.execute()
+                pipe.get(self._record_key(job_id))
+            replies = await pipe.execute()
+        records = replies[1::2]
+        return {
+            job_id
+            for job_id, raw in zip(job_ids, records, strict=True)
+            if raw is None or _load(raw).finished
+        }
 
     async def get(self, job_id: str) -> JobRecord | None:
         record = await self._read(job_id)

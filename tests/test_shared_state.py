@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.jobs import Result
 from stream.app import create_app
 from tests.conftest import make_settings
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, picture
 from tests.redis_server import redis_server
 from tests.servers import live_server
 from tests.test_jobs_api import JOB, events_of, submit, wait_for
@@ -154,3 +155,30 @@ def test_a_job_whose_replica_stopped_fails_for_those_watching_on_another(
             assert failed["error"]["code"] == "replica_failed"
             events = events_of(f"{b}/v1/images/jobs/{job['id']}/events")
             assert [event.name for event in events][-1] == "failed"
+
+
+def test_a_queued_job_cancelled_through_another_replica_leaves_its_queue(tmp_path: Path) -> None:
+    with redis_server() as url, ExitStack() as stack:
+        # No progress before a held result: the job waits on A as if queued.
+        engine_a = FakeEngine(script=[Result(images=(picture((64, 64), 1),), seeds=(1,))])
+        a, b = (
+            stack.enter_context(
+                live_server(
+                    create_app(
+                        make_settings(
+                            tmp_path / name, state_store="redis", redis_url=url, job_lease_s=0.2
+                        ),
+                        engine,
+                    )
+                )
+            )
+            for name, engine in (("A", engine_a), ("B", FakeEngine()))
+        )
+        engine_a.release.clear()
+        job = submit(a, {**JOB, "partial_images": 0})
+        assert httpx.delete(f"{b}/v1/images/jobs/{job['id']}").json()["status"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while not engine_a.handles[0].cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine_a.handles[0].cancelled
+        assert wait_for(a, job["id"], "cancelled")["error"]["code"] == "cancelled"
