@@ -98,7 +98,10 @@ def deploy(settings: Settings) -> None:
     # with `ray start`, set it there (see README, Scaling out).
     os.environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+        # "local", not None: Ray's default would join any cluster that `ray start` left
+        # on this machine, whose Serve keeps its own port and which Ctrl-C would shut down.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployment = serve.deployment(**deployment_options(settings, gpus))(

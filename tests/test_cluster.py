@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import sdk_client
+from tests.conftest import make_settings, sdk_client
 from tests.redis_server import redis_server
 from tests.servers import free_port, wait_healthy
 from tests.test_jobs_api import events_of
@@ -77,6 +78,33 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_without_ray_address_it_starts_its_own_head_instead_of_joining_one_running_here(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ray's default (`address=None`) joins any cluster `ray start` left on this machine,
+    where `serve.start` keeps that cluster's port and Ctrl-C would shut its Serve down."""
+    import ray
+
+    from stream import cluster
+
+    addresses: list[str | None] = []
+
+    def init(address: str | None = None, **options: object) -> None:
+        addresses.append(address)
+        raise InterruptedError  # stop before anything starts
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(cluster.PROXY_CALLBACK_VARIABLE, cluster.PROXY_CALLBACK)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(InterruptedError):
+        cluster.deploy(make_settings(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(InterruptedError):
+        cluster.deploy(make_settings(tmp_path))
+    assert addresses == ["local", "10.0.0.1:6379"]
 
 
 def test_sdk_stream_through_the_proxy_delivers_previews_as_they_form(cluster: Cluster) -> None:
