@@ -8,7 +8,8 @@ The same `JobStore` and `ResultStore` interfaces as the in-process defaults, on 
   job and a replica cancelling it may write at the same moment; a terminal event wins and
   later appends return None, which tells the running replica to stop its job;
 - finished jobs sit in a sorted set by finish time, so a sweep on any replica finds the
-  ones whose retention ran out and hands their result files to be deleted;
+  ones whose retention ran out and hands their result files to be deleted, and in a set
+  of those whose streams the next sweep trims to their terminal event;
 - the replica running a job renews a lease key on it (`keep_alive`) and learns then of
   jobs cancelled elsewhere, even queued ones that send no events; a replica that reads an
   unfinished job whose lease ran out (its replica died, or stopped without recording an
@@ -70,6 +71,10 @@ class RedisJobStore:
     @property
     def _finished_key(self) -> str:
         return f"{self.prefix}:jobs:finished"
+
+    @property
+    def _untrimmed_key(self) -> str:
+        return f"{self.prefix}:jobs:untrimmed"
 
     async def create(self) -> JobRecord:
         record = JobRecord(id=f"imgjob_{secrets.token_urlsafe(18)}", created=int(time.time()))
@@ -149,6 +154,7 @@ class RedisJobStore:
         pipe.expire(events_key, ttl)
         if record.finished_at is not None:
             pipe.zadd(self._finished_key, {record.id: record.finished_at})
+            pipe.sadd(self._untrimmed_key, record.id)
 
     async def follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
         cursor = f"0-{after}"
@@ -167,6 +173,7 @@ class RedisJobStore:
                 return
 
     async def sweep(self, now: float) -> list[JobRecord]:
+        await self._trim_finished()
         expired = await self.client.zrangebyscore(self._finished_key, 0, now - self.retention_s)
         gone: list[JobRecord] = []
         for raw_id in expired:
@@ -179,6 +186,18 @@ class RedisJobStore:
             if raw is not None:
                 gone.append(_load(raw))
         return gone
+
+    async def _trim_finished(self) -> None:
+        """Trim the streams of the jobs finished since the last sweep to their terminal
+        event (trimming twice, from two replicas, does no harm)."""
+        finished = await self.client.smembers(self._untrimmed_key)
+        if not finished:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for raw_id in finished:
+                pipe.xtrim(self._events_key(_text(raw_id)), maxlen=1, approximate=False)
+            pipe.srem(self._untrimmed_key, *finished)
+            await pipe.execute()
 
 
 class RedisResultStore:

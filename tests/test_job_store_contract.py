@@ -92,3 +92,12 @@ async def test_sweep_drops_jobs_past_retention_with_their_files(store: JobStore)
     (gone,) = await store.sweep(record.created + 3600)
     assert gone.id == record.id and gone.files == ("x.png",)
     assert await store.get(record.id) is None
+
+
+async def test_sweep_trims_a_finished_jobs_buffer_to_its_terminal_event(store: JobStore) -> None:
+    record = await store.create()
+    await store.append(record.id, "progress", {"step": 1, "total_steps": 1})
+    await store.append(record.id, "completed", {"result": {}})
+    assert [e.name for e in await collect(store, record.id, after=0)] == ["progress", "completed"]
+    assert await store.sweep(record.created + 1) == []
+    assert [(e.id, e.name) for e in await collect(store, record.id, after=0)] == [(2, "completed")]
