@@ -7,6 +7,9 @@ cut, and SDK users see a bare connection error. This ASGI middleware runs in the
 message, it sends one OpenAI `error` frame and ends the body properly, as the server
 itself does for failures after the stream started. Job event streams (GET) are left
 alone: browsers reconnect and resume them on another replica.
+
+The proxy also appends its own `x-request-id` to the one the app sent (the same id: the
+proxy passed it on), which clients would read joined as "id, id"; `OneRequestId` keeps one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stream.sse import error_frame
 
+REQUEST_ID = b"x-request-id"
 REPLICA_LOST = error_frame(
     "the server replica running this request stopped; retry the request",
     code="replica_failed",
@@ -51,6 +55,28 @@ class UnfinishedStreamGuard:
                     await send({"type": "http.response.body", "body": REPLICA_LOST})
 
 
+class OneRequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                ids = [i for i, (name, _) in enumerate(headers) if name.lower() == REQUEST_ID]
+                message = {
+                    **message,
+                    "headers": [h for i, h in enumerate(headers) if i not in ids[1:]],
+                }
+            await send(message)
+
+        await self.app(scope, receive, send_one_id)
+
+
 def proxy_middlewares() -> list[Middleware]:
     """What Ray's proxy calls (by import path) for the middlewares it wraps itself in."""
-    return [Middleware(UnfinishedStreamGuard)]
+    return [Middleware(UnfinishedStreamGuard), Middleware(OneRequestId)]

@@ -147,6 +147,14 @@ def test_concurrent_requests_are_spread_over_both_replicas_and_urls_work_anywher
         assert download.status_code == 200 and download.content.startswith(b"\x89PNG")
 
 
+def test_the_request_id_comes_back_once_through_the_proxy(cluster: Cluster) -> None:
+    response = sdk_client(cluster.url).models.with_raw_response.list(
+        extra_headers={"x-request-id": "req-mine"}
+    )
+    assert response.headers.get_list("x-request-id") == ["req-mine"]
+    assert response.request_id == "req-mine"
+
+
 def test_job_started_through_one_replica_resumes_through_the_other(cluster: Cluster) -> None:
     created = httpx.post(
         f"{cluster.url}/v1/images/jobs",

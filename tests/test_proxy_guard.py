@@ -7,7 +7,7 @@ import json
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stream.proxy_guard import UnfinishedStreamGuard
+from stream.proxy_guard import OneRequestId, UnfinishedStreamGuard
 
 SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 
@@ -20,7 +20,9 @@ def app_sending(*messages: Message) -> ASGIApp:
     return app
 
 
-async def run(app: ASGIApp, method: str = "POST") -> list[Message]:
+async def run(
+    app: ASGIApp, method: str = "POST", middleware: type = UnfinishedStreamGuard
+) -> list[Message]:
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -29,7 +31,7 @@ async def run(app: ASGIApp, method: str = "POST") -> list[Message]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await UnfinishedStreamGuard(app)({"type": "http", "method": method}, receive, send)
+    await middleware(app)({"type": "http", "method": method}, receive, send)
     return sent
 
 
@@ -59,3 +61,14 @@ async def test_finished_streams_job_streams_and_plain_responses_are_left_alone(
     method: str, messages: list[Message]
 ) -> None:
     assert await run(app_sending(*messages), method) == messages
+
+
+async def test_the_proxys_second_request_id_header_is_dropped() -> None:
+    ids = [
+        (b"x-request-id", b"req-1"),
+        (b"content-type", b"text/plain"),
+        (b"X-Request-ID", b"req-1"),
+    ]
+    start = {"type": "http.response.start", "status": 200, "headers": ids}
+    (sent, _) = await run(app_sending(start, PARTIAL), "GET", OneRequestId)
+    assert sent["headers"] == ids[:2]
