@@ -222,7 +222,7 @@ class JobService:
         record = await self.store.get(job_id)
         if webhook_url is not None and record is not None:
             payload = self.snapshot(record, base_url)
-            if not await webhooks.deliver(webhook_url, payload, self.settings):
+            if not await webhooks.deliver(webhook_url, job_id, payload, self.settings):
                 logger.warning("webhook for job %s was not delivered", job_id)
 
     async def _consume(

@@ -6,12 +6,14 @@ limit and timeout is a named setting so that operators never have to edit code.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEFAULT_CACHE = Path.home() / ".cache" / "fluxstream"
@@ -138,6 +140,11 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(
         1.0, ge=0, description="wait before the second attempt; doubles after each"
     )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="signs webhooks the Standard Webhooks way (webhook-signature); "
+        "'whsec_' + base64 as those libraries expect, or any other text used as is",
+    )
     max_queue_wait_s: float | None = Field(
         600.0, gt=0, description="queued longer than this: 503 (or an error event); null: no limit"
     )
@@ -188,3 +195,26 @@ class Settings(BaseSettings):
     @property
     def model_ids(self) -> tuple[str, ...]:
         return (self.served_model_name, *self.model_aliases)
+
+    @property
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key of `webhook_secret`."""
+        return None if self.webhook_secret is None else _signing_key(self.webhook_secret)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_usable(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            _signing_key(secret)
+        return secret
+
+
+def _signing_key(secret: SecretStr) -> bytes:
+    """`whsec_` + base64 is the Standard Webhooks form; any other text is the key as is."""
+    text = secret.get_secret_value()
+    if not text.startswith("whsec_"):
+        return text.encode()
+    try:
+        return base64.b64decode(text.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError("a 'whsec_' secret must be base64 after its prefix") from None

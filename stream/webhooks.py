@@ -5,11 +5,21 @@ internal services. Only hosts named in `webhook_allowed_hosts` are accepted (che
 the job is queued, so a bad URL is a 400), redirects are never followed, and each attempt
 has a timeout. Failures are retried with exponential backoff, then logged; they never
 change the job's own status.
+
+Deliveries follow Standard Webhooks (standardwebhooks.com): `webhook-id` (the same for each
+attempt, so a receiver can drop repeats) and `webhook-timestamp`, and with
+`webhook_secret` set, `webhook-signature`: `v1,` and the base64 HMAC-SHA256 of
+`{id}.{timestamp}.{body}`, which that project's libraries verify as they are.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -45,15 +55,32 @@ def check_webhook_url(url: object, settings: Settings) -> str | None:
     return url
 
 
-async def deliver(url: str, payload: dict[str, Any], settings: Settings) -> bool:
+def webhook_headers(message_id: str, body: bytes, key: bytes | None) -> dict[str, str]:
+    timestamp = str(int(time.time()))
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": timestamp,
+    }
+    if key is not None:
+        signed = f"{message_id}.{timestamp}.".encode() + body
+        signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        headers["webhook-signature"] = f"v1,{signature}"
+    return headers
+
+
+async def deliver(url: str, message_id: str, payload: dict[str, Any], settings: Settings) -> bool:
     """POST `payload` as JSON until a 2xx answer or the attempts run out."""
     timeout = httpx.Timeout(settings.webhook_timeout_s)
+    key = settings.webhook_key
+    body = json.dumps(payload).encode()
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
         for attempt in range(settings.webhook_attempts):
             if attempt:
                 await anyio.sleep(settings.webhook_backoff_s * 2 ** (attempt - 1))
             try:
-                response = await client.post(url, json=payload)
+                headers = webhook_headers(message_id, body, key)
+                response = await client.post(url, content=body, headers=headers)
             except httpx.HTTPError as error:
                 logger.warning("webhook attempt %d failed: %s", attempt + 1, type(error).__name__)
                 continue

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -61,16 +62,26 @@ def live_server(app: ASGIApp) -> Iterator[str]:
         sock.close()
 
 
+@dataclass(frozen=True)
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
 @contextmanager
-def webhook_receiver(statuses: Sequence[int]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """Yield a URL on 127.0.0.1 and the JSON bodies POSTed to it; the i-th call is answered
+def webhook_receiver(statuses: Sequence[int]) -> Iterator[tuple[str, list[Delivery]]]:
+    """Yield a URL on 127.0.0.1 and the requests POSTed to it; the i-th call is answered
     with `statuses[i]` (the last one repeats)."""
-    bodies: list[dict[str, Any]] = []
+    deliveries: list[Delivery] = []
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(statuses[min(len(bodies), len(statuses)) - 1])
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            deliveries.append(Delivery({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(statuses[min(len(deliveries), len(statuses)) - 1])
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -81,7 +92,7 @@ def webhook_receiver(statuses: Sequence[int]) -> Iterator[tuple[str, list[dict[s
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", bodies
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", deliveries
     finally:
         server.shutdown()
         server.server_close()

@@ -259,14 +259,16 @@ def test_finished_job_is_dropped_with_its_files_after_its_retention(tmp_path: Pa
 def test_webhook_gets_the_final_job_after_a_failed_attempt(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, webhook_allowed_hosts=("127.0.0.1",), webhook_backoff_s=0.01)
     with (
-        webhook_receiver([500, 200]) as (hook, bodies),
+        webhook_receiver([500, 200]) as (hook, deliveries),
         live_server(create_app(settings, FakeEngine())) as url,
     ):
         job = submit(url, {**JOB, "webhook_url": hook})
         deadline = time.monotonic() + 30
-        while len(bodies) < 2 and time.monotonic() < deadline:
+        while len(deliveries) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-    assert len(bodies) == 2
+    assert len(deliveries) == 2
+    assert [delivery.headers["webhook-id"] for delivery in deliveries] == [job["id"]] * 2
+    bodies = [delivery.json() for delivery in deliveries]
     assert bodies[1]["id"] == job["id"]
     assert bodies[1]["status"] == "completed"
     assert bodies[1]["result"]["data"][0]["url"].startswith(url)
