@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -77,16 +77,22 @@ class ImageService:
     async def respond(self, request: Request, plan: ImagePlan, kind: str) -> Response:
         """`kind` is the event prefix: `image_generation` or `image_edit`."""
         handle = self.submit(plan)
-        events = JobWatch(self.metrics, request.state.request_id, plan).events(handle)
+        watch = JobWatch(self.metrics, request.state.request_id, plan)
+        events = watch.events(handle)
         base_url = self.base_url(request)
         if plan.stream:
-            frames = self._stream(events, plan, kind, base_url)
+            frames = self._stream(events, watch, plan, kind, base_url)
             return sse.event_stream(frames, keepalive_s=self.settings.keepalive_s, headers={})
         result = await _result_unless_disconnected(events, handle, request, plan)
         return JSONResponse(await self.result_body(result, plan, base_url))
 
     async def _stream(
-        self, events: AsyncIterator[Event], plan: ImagePlan, kind: str, base_url: str
+        self,
+        events: AsyncGenerator[Event, None],
+        watch: JobWatch,
+        plan: ImagePlan,
+        kind: str,
+        base_url: str,
     ) -> AsyncIterator[ServerSentEvent]:
         """While queued, `: queued position=N` comments; then the OpenAI frames."""
         try:
@@ -113,6 +119,8 @@ class ImageService:
             # A fault of ours (encoding, storing the url result): the 200 is already sent,
             # so the client learns of it from the error frame the SDKs raise on.
             logger.exception("stream failed after it started")
+            watch.server_fault()
+            await events.aclose()  # counts the job now; nothing else would close it
             yield sse.error_frame("the server hit an internal error")
 
     async def partial_payload(self, preview: Preview, plan: ImagePlan, kind: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 from pipeline.jobs import (
     EngineClosed,
@@ -50,8 +50,14 @@ class JobWatch:
         self.queue_wait_s: float | None = None
         self.run_s: float | None = None
         self.first_preview_s: float | None = None
+        self._server_fault = False
 
-    async def events(self, handle: JobHandle) -> AsyncIterator[Event]:
+    def server_fault(self) -> None:
+        """The job's answer failed on our side after its events (encoding, storing): the
+        request counts as failed, not as a client that left."""
+        self._server_fault = True
+
+    async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
         outcome = "disconnected"
         events = handle.events()
         try:
@@ -67,7 +73,7 @@ class JobWatch:
             # what cancels the job when the client leaves.
             if isinstance(events, AsyncGenerator):
                 await events.aclose()
-            self._finish(outcome)
+            self._finish("failed" if self._server_fault else outcome)
 
     def _see(self, event: Event, now: float) -> None:
         metrics = self._metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import httpx
 
@@ -91,3 +92,8 @@ def test_a_server_fault_after_the_stream_started_is_one_generic_error_frame(
         "param": None,
         "code": None,
     }
+    counted = 'fluxstream_jobs_total{outcome="failed"} 1.0'
+    deadline = time.monotonic() + 10
+    while counted not in httpx.get(f"{fake_server}/metrics").text:
+        assert time.monotonic() < deadline, "the fault was not counted as a failed job"
+        time.sleep(0.05)
