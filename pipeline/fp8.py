@@ -10,6 +10,8 @@ compare both on whatever torch is installed.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
@@ -52,9 +54,13 @@ class Float8RowwiseLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantizable(linear: nn.Linear) -> bool:
-    """fp8 matmuls need both dimensions divisible by 16."""
-    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+def quantizable(module: nn.Module) -> TypeGuard[nn.Linear]:
+    """A linear layer whose dimensions are both divisible by 16, as fp8 matmuls need."""
+    return (
+        isinstance(module, nn.Linear)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def _blocks(model: nn.Module, block_lists: tuple[str, ...]) -> list[nn.Module]:
@@ -68,7 +74,7 @@ def quantize_blocks_fp8(model: nn.Module, block_lists: tuple[str, ...]) -> int:
     swapped = 0
     for block in _blocks(model, block_lists):
         for name, child in list(block.named_modules()):
-            if isinstance(child, nn.Linear) and quantizable(child):
+            if quantizable(child):
                 parent_name, _, attribute = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attribute, Float8RowwiseLinear(child))
@@ -85,14 +91,11 @@ def quantize_blocks_torchao(model: nn.Module, block_lists: tuple[str, ...]) -> i
         quantize_,
     )
 
-    def chosen(module: nn.Module, _name: str = "") -> bool:
-        return isinstance(module, nn.Linear) and quantizable(module)
-
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     swapped = 0
     for block in _blocks(model, block_lists):
-        swapped += sum(map(chosen, block.modules()))
-        quantize_(block, config, filter_fn=chosen)
+        swapped += sum(map(quantizable, block.modules()))
+        quantize_(block, config, filter_fn=lambda module, _name: quantizable(module))
     return swapped
 
 
