@@ -73,7 +73,8 @@ class InFlight:
     @contextlib.asynccontextmanager
     async def track(self) -> AsyncIterator[None]:
         self._count += 1
-        self._idle = anyio.Event() if self._count == 1 else self._idle
+        if self._count == 1:
+            self._idle = anyio.Event()
         try:
             yield
         finally:
