@@ -26,14 +26,17 @@ from stream.sizes import SizeRequest, generation_size, resolve_size
 
 OutputFormat = Literal["png", "jpeg", "webp", "gif", "avif"]
 ResponseFormat = Literal["url", "b64_json"]
-Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
-# `quality` as a share of the model's default steps; `standard` and `hd` are DALL-E 3's names.
+Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
+# `quality` as a share of the model's default steps; `standard` and `hd` are DALL-E 3's names,
+# `xhigh` and `max` newer GPT image names: the model's default steps are already its best.
 QUALITY_STEPS: dict[str, tuple[str, float]] = {
     "low": ("low", 0.5),
     "medium": ("medium", 0.75),
     "standard": ("medium", 0.75),
     "high": ("high", 1.0),
     "hd": ("high", 1.0),
+    "xhigh": ("high", 1.0),
+    "max": ("high", 1.0),
     "auto": ("high", 1.0),
 }
 MAX_SEED = 2**32 - 1

@@ -71,6 +71,8 @@ def test_null_fields_and_null_extras_mean_default(settings: Settings) -> None:
         ("standard", 21, "medium"),
         ("high", 28, "high"),
         ("hd", 28, "high"),
+        ("xhigh", 28, "high"),
+        ("max", 28, "high"),
         ("auto", 28, "high"),
         (None, 28, "high"),
     ],
