@@ -103,7 +103,8 @@ class ImageGenerationRequest(BaseModel):
         None, description="accepted; FLUX images are always opaque"
     )
     style: Literal["vivid", "natural"] | None = Field(None, description="accepted; no effect")
-    user: str | None = Field(None, description="end-user id; accepted, not used")
+    user: str | None = Field(None, description="deprecated end-user id: safety_identifier")
+    safety_identifier: str | None = Field(None, description="end-user id; echoed, not used")
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted; no effect")
 
 
@@ -129,6 +130,7 @@ class ImagePlan:
     sync_mode: bool = False
     quality_name: str = "high"
     ignored_parameters: tuple[str, ...] = ()
+    safety_identifier: str | None = None
 
     @property
     def size_text(self) -> str:
@@ -221,6 +223,7 @@ def plan_generation(
         sync_mode=bool(request.sync_mode),
         quality_name=quality_name,
         ignored_parameters=extras.ignored,
+        safety_identifier=request.safety_identifier or request.user or None,
     )
 
 

@@ -143,6 +143,7 @@ class ImageService:
             "type": f"{kind}.completed",
             **item,
             **self._common_fields(plan, plan.output_format),
+            **_end_user(plan),
             **_applied(result, plan),
             "usage": _usage(plan),
         }
@@ -159,6 +160,7 @@ class ImageService:
             "output_format": plan.output_format,
             "quality": plan.quality_name,
             "background": "opaque",
+            **_end_user(plan),
             **_applied(result, plan),
             "usage": _usage(plan),
         }
@@ -198,6 +200,14 @@ class ImageService:
             "background": "opaque",
             "output_format": output_format,
         }
+
+
+def _end_user(plan: ImagePlan) -> dict[str, Any]:
+    """OpenAI echoes the request's `safety_identifier` (else its deprecated `user`) on the
+    response and the completed event; the SDKs type it there. Absent when neither was sent."""
+    if plan.safety_identifier is None:
+        return {}
+    return {"safety_identifier": plan.safety_identifier}
 
 
 def _applied(result: Result, plan: ImagePlan) -> dict[str, Any]:

@@ -42,3 +42,32 @@ def test_every_quality_the_sdk_offers_is_served_at_the_full_step_count(
     result = client.images.generate(prompt="a fox", quality=quality, **FAST)  # type: ignore[arg-type]
     assert result.quality == "high"
     assert result.data and result.data[0].b64_json
+
+
+def test_safety_identifier_is_echoed_in_the_response_and_the_completed_event(
+    client: openai.OpenAI,
+) -> None:
+    result = client.images.generate(prompt="a fox", safety_identifier="user-7", **FAST)
+    assert result.safety_identifier == "user-7"
+    assert "safety_identifier" not in (result.model_extra or {})["ignored_parameters"]
+    events = list(
+        client.images.edit(
+            prompt="a fox",
+            image=("photo.png", png(), "image/png"),
+            safety_identifier="user-7",
+            stream=True,
+            size="64x64",
+            extra_body={"num_inference_steps": 2},
+        )
+    )
+    assert events[-1].type == "image_edit.completed"
+    assert events[-1].safety_identifier == "user-7"
+
+
+def test_the_deprecated_user_stands_in_for_a_missing_safety_identifier(
+    client: openai.OpenAI,
+) -> None:
+    assert client.images.generate(prompt="a", user="u1", **FAST).safety_identifier == "u1"
+    both = client.images.generate(prompt="a", user="u1", safety_identifier="s1", **FAST)
+    assert both.safety_identifier == "s1"
+    assert client.images.generate(prompt="a", **FAST).safety_identifier is None
