@@ -108,7 +108,12 @@ async def _read_multipart(request: Request, max_image_bytes: int) -> EditUpload:
             elif isinstance(value, str):
                 fields[name] = value
             else:
-                raise InvalidRequest(f"{name} must be a text field, not a file", param=name)
+                # The SDKs also send `markup` as a file: say what is read, not just "no".
+                raise InvalidRequest(
+                    f"{name} is not supported as a file: this server reads only the files "
+                    "image (or image[]) and mask",
+                    param=name,
+                )
     return EditUpload(fields=fields, images=tuple(images), mask=mask)
 
 

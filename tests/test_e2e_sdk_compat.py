@@ -71,3 +71,10 @@ def test_the_deprecated_user_stands_in_for_a_missing_safety_identifier(
     both = client.images.generate(prompt="a", user="u1", safety_identifier="s1", **FAST)
     assert both.safety_identifier == "s1"
     assert client.images.generate(prompt="a", **FAST).safety_identifier is None
+
+
+def test_a_markup_file_is_refused_with_a_400_that_names_it(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.images.edit(prompt="a fox", image=png(), markup=png(), **FAST)
+    assert raised.value.param == "markup"
+    assert "not supported" in raised.value.message
