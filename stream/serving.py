@@ -65,7 +65,9 @@ class ImageService:
             return self.engine.submit(plan.job)
         except QueueFull as full:
             raise RateLimited(
-                "the server is busy; retry shortly", retry_after_s=full.retry_after_s
+                "the server is busy; retry shortly",
+                retry_after_s=full.retry_after_s,
+                code="rate_limit_exceeded",  # OpenAI's code, which clients match on
             ) from None
         except EngineClosed:
             raise ServiceUnavailable("the server is shutting down", code="shutdown") from None

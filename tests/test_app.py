@@ -34,10 +34,13 @@ def test_queue_full_is_429_with_retry_after_before_any_stream_byte(
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_sdk_raises_rate_limit_error_on_429(fake_server: str, fake_engine: FakeEngine) -> None:
+def test_sdk_raises_rate_limit_error_on_429_with_openai_code(
+    fake_server: str, fake_engine: FakeEngine
+) -> None:
     fake_engine.full = True
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as raised:
         sdk_client(fake_server).images.generate(prompt="x")
+    assert (raised.value.code, raised.value.type) == ("rate_limit_exceeded", "rate_limit_error")
 
 
 def test_null_fields_mean_default(fake_server: str, fake_engine: FakeEngine) -> None:
