@@ -194,7 +194,9 @@ class Settings(BaseSettings):
 
     @property
     def model_ids(self) -> tuple[str, ...]:
-        return (self.served_model_name, *self.model_aliases)
+        """The served name, then its aliases, each once: the default aliases repeat the
+        default name, and `/v1/models` must not list an id twice."""
+        return tuple(dict.fromkeys((self.served_model_name, *self.model_aliases)))
 
     @property
     def webhook_key(self) -> bytes | None:

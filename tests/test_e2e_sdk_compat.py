@@ -78,3 +78,9 @@ def test_a_markup_file_is_refused_with_a_400_that_names_it(client: openai.OpenAI
         client.images.edit(prompt="a fox", image=png(), markup=png(), **FAST)
     assert raised.value.param == "markup"
     assert "not supported" in raised.value.message
+
+
+def test_models_list_names_each_model_once_served_model_first(client: openai.OpenAI) -> None:
+    ids = [model.id for model in client.models.list()]
+    assert ids[0] == "flux.1-dev"
+    assert len(ids) == len(set(ids))
