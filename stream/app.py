@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -32,6 +33,7 @@ from stream.errors import (
     error_response,
 )
 from stream.image_inputs import decode_upload
+from stream.images import MEDIA_TYPES
 from stream.job_service import JobService
 from stream.limits import BodyLimitMiddleware
 from stream.metrics import Metrics, MetricsMiddleware
@@ -57,6 +59,8 @@ logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 VERSION = version("fluxstream")
 MAX_EVENT_ID_DIGITS = 18
+# Printable ASCII without spaces: UUIDs, `req_...`, base64 ids all pass.
+REQUEST_ID = re.compile(r"[!-~]{1,128}")
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -201,9 +205,33 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
             "the generations body, or an edit (multipart or JSON with images), plus"
             " webhook_url, as a job; 202 at once",
             body=ImageGenerationRequest,
+            status=202,
+        ),
+        Operation("GET", "/v1/images/jobs/{job_id}", "the job, with its result once finished"),
+        Operation("DELETE", "/v1/images/jobs/{job_id}", "cancels the job; answers the job"),
+        Operation(
+            "GET",
+            "/v1/images/jobs/{job_id}/events",
+            "the job's events as SSE with ids; resumes after Last-Event-ID",
+            answers=("text/event-stream",),
+        ),
+        Operation(
+            "GET",
+            "/v1/images/files/{name}",
+            "a url result; open (its name is unguessable)",
+            answers=tuple(MEDIA_TYPES.values()),
+            public=True,
         ),
         Operation("GET", "/v1/models", "the served model id and its aliases"),
-        Operation("GET", "/health", "readiness; 503 while warming up or draining"),
+        Operation("GET", "/v1/models/{model}", "one model id"),
+        Operation(
+            "GET",
+            "/health",
+            "readiness; 503 while warming up or draining",
+            unavailable=True,
+        ),
+        Operation("GET", "/metrics", "Prometheus metrics, text format", answers=("text/plain",)),
+        Operation("GET", "/openapi.json", "this document"),
     ]
 
     async def openapi(request: Request) -> Response:
@@ -337,8 +365,11 @@ class InternalErrorMiddleware:
 
 
 class IdentityHeadersMiddleware:
-    """Adds `x-request-id` (the client's own id if it sent one) and `x-fluxstream-replica`
-    (which process answered, behind a load balancer) to every response."""
+    """Adds `x-request-id` (the client's own id if it sent a usable one) and
+    `x-fluxstream-replica` (which process answered, behind a load balancer) to every
+    response. A client's id goes into the access log as it is, so one with spaces or
+    control characters (which could forge `key=value` fields) or over 128 characters is
+    replaced by one of ours."""
 
     def __init__(self, app: ASGIApp, replica_name: str) -> None:
         self.app = app
@@ -348,8 +379,8 @@ class IdentityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = dict(scope.get("headers", [])).get(b"x-request-id", b"")
-        request_id = sent.decode("latin-1")[:128] or f"req_{secrets.token_hex(12)}"
+        sent = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = sent if REQUEST_ID.fullmatch(sent) else f"req_{secrets.token_hex(12)}"
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:

@@ -229,7 +229,7 @@ class JobService:
         self, job_id: str, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
     ) -> None:
         append = self.store.append
-        events = JobWatch(self.images.metrics, job_id, plan).events(handle)
+        events = JobWatch(self.images.metrics, job_id, plan, closed="cancelled").events(handle)
         try:
             async for event in events:
                 recorded: JobEvent | None = None

@@ -1,7 +1,9 @@
 """Prometheus metrics, one registry per app (so that tests can build many apps).
 
-Requests are counted by route template, never by raw path, so that a scan of random urls
-cannot blow up the number of series. Queue depth and running jobs are read from the engine
+Requests are counted by route template, never by raw path, and by method only among
+HTTP's own (anything else is `other`), so that a scan of random urls or methods cannot
+blow up the number of series. Every job outcome is a series from the start, so that a
+rate over the first failure sees it. Queue depth and running jobs are read from the engine
 when scraped; job timings are fed by `stream.watch.JobWatch`.
 """
 
@@ -23,7 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.jobs import EngineLoad
 
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+# From the embedded model on a CPU (a few ms) through an H100 (0.1-0.2 s) to full FLUX on a
+# CPU or with sequential offload (tens of seconds).
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10, 30, 60)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# How a job ends, as `fluxstream_jobs_total{outcome}` and the access log name it.
+JOB_OUTCOMES = tuple("ok failed cancelled disconnected queue_timeout job_timeout shutdown".split())
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -42,12 +49,14 @@ class Metrics:
         )
         self.cancels = Counter(
             "fluxstream_jobs_cancelled",
-            "jobs stopped because the client went away",
+            "jobs stopped early by their client: it went away or cancelled the job",
             registry=registry,
         )
         self.jobs = Counter(
             "fluxstream_jobs", "jobs by how they ended", ["outcome"], registry=registry
         )
+        for outcome in JOB_OUTCOMES:
+            self.jobs.labels(outcome)
         queued = Gauge("fluxstream_queue_depth", "jobs waiting to run", registry=registry)
         queued.set_function(lambda: engine_load().queued)
         running = Gauge("fluxstream_jobs_running", "jobs running now", registry=registry)
@@ -96,7 +105,8 @@ class MetricsMiddleware:
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                self.metrics.requests.labels(_route(scope), scope["method"], str(status)).inc()
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                self.metrics.requests.labels(_route(scope), method, str(status)).inc()
                 if status == 429:
                     self.metrics.rate_limited.inc()
             await send(message)

@@ -2,8 +2,9 @@
 
 `JobWatch.events` passes a job's events through unchanged while timing them: queue wait,
 step time, time to first preview and run time go to the metrics, and when the stream ends
-(finished, failed, or closed because the client left) one structured access-log line
-records the request.
+(finished, failed, or closed early) one structured access-log line records the request.
+A stream closed early is `disconnected` for a POST, whose client went away, and `cancelled`
+for the jobs API, whose follower is only closed when the job is cancelled.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ CANCELLED = ("cancelled", "disconnected")
 
 
 class JobWatch:
-    def __init__(self, metrics: Metrics, request_id: str, plan: ImagePlan) -> None:
+    def __init__(
+        self, metrics: Metrics, request_id: str, plan: ImagePlan, closed: str = "disconnected"
+    ) -> None:
         self._metrics = metrics
+        self._closed = closed
         self._request_id = request_id
         self._plan = plan
         self._accepted_at = time.monotonic()
@@ -58,7 +62,7 @@ class JobWatch:
         self._server_fault = True
 
     async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
-        outcome = "disconnected"
+        outcome = self._closed
         events = handle.events()
         try:
             async for event in events:

@@ -13,6 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from pipeline.engine import ThreadedEngine
+from pipeline.jobs import (
+    EngineClosed,
+    EngineError,
+    JobCancelled,
+    JobFailed,
+    JobTimedOut,
+    Progress,
+    QueueTimeout,
+)
 from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import FakeEngine, StepRunner
@@ -128,3 +137,118 @@ def test_schemathesis_finds_no_5xx_and_only_openai_shaped_errors(
                 assert set(response.json()["error"]) == ERROR_KEYS
 
         check()
+
+
+def test_methods_outside_http_are_counted_as_other_so_a_scan_cannot_add_series(
+    fake_server: str,
+) -> None:
+    for method in ("FOO1", "FOO2", "GET"):
+        httpx.request(method, f"{fake_server}/v1/nowhere")
+    text = httpx.get(f"{fake_server}/metrics").text
+    assert "FOO" not in text
+    assert metric(text, _requests("other", "/", "405")) == 2
+    assert metric(text, _requests("GET", "/v1/{path:path}", "404")) == 1
+
+
+def _requests(method: str, route: str, status: str) -> str:
+    return f'fluxstream_http_requests_total{{method="{method}",route="{route}",status="{status}"}}'
+
+
+def test_every_job_outcome_is_a_series_from_the_start(fake_server: str) -> None:
+    """So that `increase(...{outcome="failed"}[5m])` sees the first failure."""
+    text = httpx.get(f"{fake_server}/metrics").text
+    for outcome in ("ok", "failed", "cancelled", "disconnected", "queue_timeout"):
+        assert metric(text, f'fluxstream_jobs_total{{outcome="{outcome}"}}') == 0
+    for outcome in ("job_timeout", "shutdown"):
+        assert metric(text, f'fluxstream_jobs_total{{outcome="{outcome}"}}') == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (JobFailed("boom"), "failed"),
+        (JobCancelled("gone"), "cancelled"),
+        (QueueTimeout("waited"), "queue_timeout"),
+        (JobTimedOut("ran"), "job_timeout"),
+        (EngineClosed("bye"), "shutdown"),
+    ],
+)
+def test_a_job_that_ends_in_an_engine_error_is_counted_and_logged_by_its_outcome(
+    fake_server: str,
+    fake_engine: FakeEngine,
+    caplog: pytest.LogCaptureFixture,
+    error: EngineError,
+    outcome: str,
+) -> None:
+    fake_engine.script = [Progress(1, 2), error]
+    with caplog.at_level(logging.INFO, logger="fluxstream.access"):
+        httpx.post(f"{fake_server}/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+    text = httpx.get(f"{fake_server}/metrics").text
+    assert metric(text, f'fluxstream_jobs_total{{outcome="{outcome}"}}') == 1
+    (record,) = [r for r in caplog.records if r.name == "fluxstream.access"]
+    assert f"outcome={outcome} " in record.getMessage()
+
+
+def test_a_job_deleted_through_the_jobs_api_is_counted_as_cancelled_not_disconnected(
+    fake_server: str, fake_engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_engine.release.clear()
+    with caplog.at_level(logging.INFO, logger="fluxstream.access"):
+        job = httpx.post(f"{fake_server}/v1/images/jobs", json={"prompt": "x", "size": "64x64"})
+        job_id = job.json()["id"]
+        httpx.delete(f"{fake_server}/v1/images/jobs/{job_id}")
+        text = httpx.get(f"{fake_server}/metrics").text
+    assert metric(text, 'fluxstream_jobs_total{outcome="cancelled"}') == 1
+    assert metric(text, 'fluxstream_jobs_total{outcome="disconnected"}') == 0
+    assert metric(text, "fluxstream_jobs_cancelled_total") == 1
+    (record,) = [r for r in caplog.records if r.name == "fluxstream.access"]
+    assert f"request_id={job_id} " in record.getMessage()
+    assert "outcome=cancelled " in record.getMessage()
+
+
+def test_a_request_id_with_spaces_cannot_forge_access_log_fields(
+    fake_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fluxstream.access"):
+        response = httpx.post(
+            f"{fake_server}/v1/images/generations",
+            json={"prompt": "x", "size": "64x64"},
+            headers={"x-request-id": "mine outcome=forged"},
+        )
+    (record,) = [r for r in caplog.records if r.name == "fluxstream.access"]
+    assert "forged" not in record.getMessage()
+    assert response.headers["x-request-id"].startswith("req_")
+    assert f"request_id={response.headers['x-request-id']} " in record.getMessage()
+
+
+def test_step_buckets_reach_the_seconds_a_step_takes_on_a_cpu_or_offloaded(
+    fake_server: str,
+) -> None:
+    text = httpx.get(f"{fake_server}/metrics").text
+    assert 'fluxstream_step_seconds_bucket{le="0.001"}' in text  # the embedded model
+    assert 'fluxstream_step_seconds_bucket{le="60.0"}' in text  # full FLUX on a CPU
+
+
+def test_openapi_document_is_valid_openapi_3_1(fake_server: str) -> None:
+    schemathesis.openapi.from_url(f"{fake_server}/openapi.json").validate()
+
+
+def test_openapi_document_lists_every_route_with_its_real_status_and_media_types(
+    fake_server: str,
+) -> None:
+    paths = httpx.get(f"{fake_server}/openapi.json").json()["paths"]
+    assert set(paths["/v1/images/jobs"]["post"]["responses"]) == {"202", "default"}
+    assert set(paths["/v1/images/jobs/{job_id}"]) == {"get", "delete"}
+    events = paths["/v1/images/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert set(events) == {"text/event-stream"}
+    files = paths["/v1/images/files/{name}"]["get"]["responses"]["200"]["content"]
+    assert "image/png" in files
+    assert "get" in paths["/v1/models/{model}"]
+    health = paths["/health"]["get"]["responses"]
+    assert set(health) == {"200", "503"}
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(metrics) == {"text/plain"}
+    assert "get" in paths["/openapi.json"]
+    generations = paths["/v1/images/generations"]["post"]
+    assert generations["security"] == [{"bearer": []}]
+    assert "security" not in paths["/health"]["get"]
