@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from pipeline.jobs import ImageEngine
 from stream.app import create_app
 from stream.auth import load_api_keys
-from stream.settings import Settings
+from stream.logs import RedactQuerySecrets, configure_logging
+from stream.settings import SECRET_SETTINGS, Settings
 from stream.shutdown import DrainingServer
 from stream.sizes import default_generation_size
 
@@ -92,16 +95,24 @@ def build_engine(settings: Settings) -> ImageEngine:
 
 
 def settings_problems(error: ValidationError) -> str:
-    """Each rejected setting as its flag, its variable and the value given, on one line."""
+    """Each rejected setting as its flag, its variable and the value given (not for a
+    secret, since this line ends up in logs), on one line."""
     problems = []
     for problem in error.errors():
         name = str(problem["loc"][0])  # the setting, not the index of a list item in it
         message = problem["msg"][:1].lower() + problem["msg"][1:]
-        problems.append(
-            f"--{name.replace('_', '-')} (FLUXSTREAM_{name.upper()}) "
-            f"{problem['input']!r}: {message}"
-        )
+        given = "" if name in SECRET_SETTINGS else f" {problem['input']!r}"
+        problems.append(f"--{name.replace('_', '-')} (FLUXSTREAM_{name.upper()}){given}: {message}")
     return "; ".join(problems)
+
+
+def unparsed_variable(error: SettingsError) -> str:
+    """pydantic-settings reads a list variable as JSON and raises, with a traceback, for
+    anything else; this says which variable, without its value."""
+    found = re.search(r'field "(\w+)"', str(error))
+    if found is None:
+        return str(error)
+    return f'FLUXSTREAM_{found[1].upper()} must be JSON here, such as \'["a", "b"]\''
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"fluxstream: {settings_problems(error)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    except SettingsError as error:
+        print(f"fluxstream: {unparsed_variable(error)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     try:
         engine = build_engine(settings)
     except StartupError as error:
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
     )
+    # After uvicorn.Config, which sets up uvicorn's loggers (and keeps their filters).
+    logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())
 
     async def drain() -> None:
         await engine.aclose(settings.shutdown_grace_s)

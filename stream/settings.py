@@ -17,15 +17,30 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEFAULT_CACHE = Path.home() / ".cache" / "fluxstream"
+# Never echoed in an error message or a log line (a Redis url may hold a password).
+SECRET_SETTINGS = frozenset({"api_keys", "webhook_secret", "redis_url"})
+
+
+def hostname_pid() -> str:
+    """The default replica name: unique per process on a machine, and says where it runs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
+        # The opening paragraph of `--help`, which prints it as it is.
+        json_schema_extra={
+            "description": "An OpenAI-compatible FLUX image server that streams previews.\n"
+            "Every flag is also the environment variable shown after it; flags win.\n"
+            "Optional limits take null for none. Lists are repeated flags, or JSON in a\n"
+            """variable: FLUXSTREAM_API_KEYS='["sk-a", "sk-b"]'."""
+        },
         env_prefix="FLUXSTREAM_",
         frozen=True,
         cli_kebab_case=True,
         cli_prog_name="fluxstream",
         cli_implicit_flags=True,
+        cli_show_env_vars=True,
         # `null` turns off an optional limit from the environment as on the command line.
         env_parse_none_str="null",
     )
@@ -172,7 +187,9 @@ class Settings(BaseSettings):
     cors_allow_origins: tuple[str, ...] = Field(
         (), description="origins allowed to call the API from a browser; none: CORS off"
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="of the server's own loggers and uvicorn's"
+    )
 
     state_store: Literal["local", "redis"] = Field(
         "local", description="where url results and jobs live: local disk/process, or Redis"
@@ -180,8 +197,8 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="with state_store=redis")
     redis_prefix: str = Field("fluxstream", description="key prefix in Redis")
     replica_name: str = Field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="names this process in the x-fluxstream-replica header",
+        default_factory=hostname_pid,
+        description="names this process in the x-fluxstream-replica header; default: <host>-<pid>",
     )
     replicas: int = Field(2, ge=1, description="serve-cluster: Ray Serve replicas")
     autoscale_min_replicas: int = Field(1, ge=0, description="serve-cluster autoscaling floor")

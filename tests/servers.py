@@ -26,7 +26,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_healthy(base_url: str, process: subprocess.Popen[Any], timeout_s: float) -> None:
     """Wait until the server process answers 200 on /health; fail at once if it exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:

@@ -1,13 +1,18 @@
 """Start-up as a user sees it: one clear line and exit code 2 for what cannot work."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from stream.cli import load_settings
+from stream.settings import Settings
+from tests.servers import free_port, wait_healthy
 
 
 def test_http_side_never_imports_torch_or_diffusers() -> None:
@@ -18,10 +23,14 @@ def test_http_side_never_imports_torch_or_diffusers() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def start_up_failure(*flags: str) -> str:
+def start_up_failure(*flags: str, env: dict[str, str] | None = None) -> str:
     """Start `python -m stream` with `flags`; it must exit 2 with exactly one stderr line."""
     done = subprocess.run(
-        [sys.executable, "-m", "stream", *flags], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "stream", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -137,3 +146,73 @@ def test_no_limit_is_null_in_the_environment_as_on_the_command_line(
     monkeypatch.setenv("FLUXSTREAM_MAX_RUN_S", "null")
     assert load_settings(["--max-queue-wait-s", "null"]).max_run_s is None
     assert load_settings(["--max-queue-wait-s", "null"]).max_queue_wait_s is None
+
+
+def test_a_bad_secret_setting_is_named_without_showing_the_secret() -> None:
+    line = start_up_failure("--webhook-secret", "whsec_not!base64-leaked")
+    assert line.startswith("fluxstream: --webhook-secret (FLUXSTREAM_WEBHOOK_SECRET): ")
+    assert "leaked" not in line
+
+
+def test_a_list_variable_that_is_not_json_fails_start_up_with_one_line_without_its_value() -> None:
+    line = start_up_failure(env={"FLUXSTREAM_API_KEYS": "sk-leaked"})
+    assert line == ('fluxstream: FLUXSTREAM_API_KEYS must be JSON here, such as \'["a", "b"]\'')
+
+
+def test_an_unknown_log_level_fails_start_up_with_one_line() -> None:
+    assert start_up_failure("--log-level", "verbose") == (
+        "fluxstream: --log-level (FLUXSTREAM_LOG_LEVEL) 'verbose': input should be "
+        "'debug', 'info', 'warning' or 'error'"
+    )
+
+
+def test_help_names_every_setting_as_flag_and_variable_with_a_readable_default() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    flat = " ".join(done.stdout.split())
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in flat
+        assert f"FLUXSTREAM_{name.upper()}" in flat
+    assert "<lambda>" not in flat
+    assert "default: <host>-<pid>" in flat
+
+
+def test_log_level_debug_is_for_the_servers_own_loggers_not_every_librarys() -> None:
+    code = (
+        "import logging; from stream.logs import configure_logging; configure_logging('debug');"
+        "own = [logging.getLogger(n).isEnabledFor(10) for n in ('stream.app', 'pipeline.engine',"
+        " 'fluxstream.access')]; assert all(own), own;"
+        "assert not logging.getLogger('sse_starlette.sse').isEnabledFor(10)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_real_servers_log_has_access_lines_and_no_api_key_or_prompt(model_cache: Path) -> None:
+    """At debug level too: sse-starlette would log every frame, prompt and image included."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = ["--port", str(port), "--no-warmup", "--cache-dir", str(model_cache)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stream", *flags, "--api-keys", "sk-leaked", "--log-level", "debug"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_healthy(url, server, timeout_s=120)
+        assert httpx.get(f"{url}/v1/models?api_key=sk-leaked").status_code == 200
+        body = {"prompt": "a-secret-prompt", "size": "64x64", "num_inference_steps": 2}
+        auth = {"Authorization": "Bearer sk-leaked"}
+        for stream in (False, True):
+            httpx.post(
+                f"{url}/v1/images/generations", json={**body, "stream": stream}, headers=auth
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        log, _ = server.communicate(timeout=60)
+    assert "sk-leaked" not in log and "a-secret-prompt" not in log
+    assert '"GET /v1/models?api_key=*** HTTP/1.1" 200' in log, log
+    access = [line for line in log.splitlines() if "fluxstream.access" in line]
+    assert len(access) == 2 and all("outcome=ok" in line for line in access)
