@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,15 @@ def test_a_real_servers_log_has_access_lines_and_no_api_key_or_prompt(model_cach
     assert '"GET /v1/models?api_key=*** HTTP/1.1" 200' in log, log
     access = [line for line in log.splitlines() if "fluxstream.access" in line]
     assert len(access) == 2 and all("outcome=ok" in line for line in access)
+
+
+def test_readme_configuration_table_names_every_setting_and_only_settings() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## Operating")]
+    named = {
+        name
+        for row in table.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
+    assert named == set(Settings.model_fields)
