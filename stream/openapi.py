@@ -41,7 +41,8 @@ ERROR_SCHEMA: dict[str, Any] = {
 class Operation:
     """One documented route; `body` is its request model and `media_type` how it arrives;
     `status` and `answers` (media types) are its success; `streams` adds SSE to them;
-    `unavailable` documents a 503 with the same body (`/health`)."""
+    `unavailable` documents a 503 with the same body (`/health`); a `public` route under
+    `/v1/` needs no key."""
 
     method: str
     path: str
