@@ -201,29 +201,18 @@ class JobService:
         store outage (Redis gone) must fail this job's record only, not the replica."""
         try:
             async with self._in_flight.track():
-                await self._follow_to_end(job_id, following, plan, kind, base_url, webhook_url)
+                try:
+                    with following.scope:
+                        await self._consume(job_id, following.handle, plan, kind, base_url)
+                finally:
+                    del self._following[job_id]
+                record = await self.store.get(job_id)
+                if webhook_url is not None and record is not None:
+                    payload = self.snapshot(record, base_url)
+                    if not await webhooks.deliver(webhook_url, job_id, payload, self.settings):
+                        logger.warning("webhook for job %s was not delivered", job_id)
         except Exception:
             logger.exception("job %s was not followed to its end", job_id)
-
-    async def _follow_to_end(
-        self,
-        job_id: str,
-        following: _Following,
-        plan: ImagePlan,
-        kind: str,
-        base_url: str,
-        webhook_url: str | None,
-    ) -> None:
-        try:
-            with following.scope:
-                await self._consume(job_id, following.handle, plan, kind, base_url)
-        finally:
-            del self._following[job_id]
-        record = await self.store.get(job_id)
-        if webhook_url is not None and record is not None:
-            payload = self.snapshot(record, base_url)
-            if not await webhooks.deliver(webhook_url, job_id, payload, self.settings):
-                logger.warning("webhook for job %s was not delivered", job_id)
 
     async def _consume(
         self, job_id: str, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
