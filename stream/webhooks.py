@@ -56,6 +56,7 @@ def check_webhook_url(url: object, settings: Settings) -> str | None:
 
 
 def webhook_headers(message_id: str, body: bytes, key: bytes | None) -> dict[str, str]:
+    """Made per attempt: receivers refuse old timestamps, so a retry is stamped anew."""
     timestamp = str(int(time.time()))
     headers = {
         "content-type": "application/json",
@@ -78,8 +79,8 @@ async def deliver(url: str, message_id: str, payload: dict[str, Any], settings: 
         for attempt in range(settings.webhook_attempts):
             if attempt:
                 await anyio.sleep(settings.webhook_backoff_s * 2 ** (attempt - 1))
+            headers = webhook_headers(message_id, body, key)
             try:
-                headers = webhook_headers(message_id, body, key)
                 response = await client.post(url, content=body, headers=headers)
             except httpx.HTTPError as error:
                 logger.warning("webhook attempt %d failed: %s", attempt + 1, type(error).__name__)
