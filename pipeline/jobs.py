@@ -181,6 +181,12 @@ class ModelProfile:
     safety_checker: bool = False
     preview_decoders: tuple[str, ...] = ("linear", "vae")
     max_input_images: int = 1
+    # What a request that names no size gets (FLUX's 1K square; the embedded model's 256).
+    default_size: tuple[int, int] = (1024, 1024)
+    # T5 tokens the pipeline reads; None keeps the pipeline's own default (512 for FLUX).
+    max_sequence_length: int | None = None
+    # Prompts the demo page offers a newcomer: what this model draws well.
+    example_prompts: tuple[str, ...] = ()
 
 
 EngineStatus = Literal["warming", "ok", "failed", "draining", "closed"]

@@ -154,15 +154,16 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
         return Response(stored.data, media_type=stored.media_type)
 
     async def models(request: Request) -> Response:
+        examples = engine.profile.example_prompts
         return JSONResponse(
-            {"object": "list", "data": [_model_card(m) for m in settings.model_ids]}
+            {"object": "list", "data": [_model_card(m, examples) for m in settings.model_ids]}
         )
 
     async def model(request: Request) -> Response:
         model_id = request.path_params["model"]
         if model_id not in settings.model_ids:
             raise NotFound(f"the model {model_id!r} does not exist", code="model_not_found")
-        return JSONResponse(_model_card(model_id))
+        return JSONResponse(_model_card(model_id, engine.profile.example_prompts))
 
     async def unknown_route(request: Request) -> Response:
         """As OpenAI answers any method and path it lacks; without this route a POST would
@@ -222,8 +223,12 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
             answers=tuple(MEDIA_TYPES.values()),
             public=True,
         ),
-        Operation("GET", "/v1/models", "the served model id and its aliases"),
-        Operation("GET", "/v1/models/{model}", "one model id"),
+        Operation(
+            "GET",
+            "/v1/models",
+            "the served model id and its aliases, each with the model's example_prompts",
+        ),
+        Operation("GET", "/v1/models/{model}", "one model id, with its example_prompts"),
         Operation(
             "GET",
             "/health",
@@ -296,8 +301,16 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
     return app
 
 
-def _model_card(model_id: str) -> dict[str, object]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "fluxstream"}
+def _model_card(model_id: str, example_prompts: tuple[str, ...]) -> dict[str, object]:
+    """OpenAI's model object, plus the prompts the demo page offers a newcomer (empty
+    where the model names none, and the page falls back to its own)."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "fluxstream",
+        "example_prompts": list(example_prompts),
+    }
 
 
 async def _sweep_forever(store: ResultStore, jobs: JobService, interval_s: float) -> None:

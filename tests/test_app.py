@@ -271,3 +271,22 @@ def test_health_tells_the_demo_page_how_many_previews_it_may_ask_for(tmp_path: P
     settings = make_settings(tmp_path, max_partial_images=1)
     with live_server(create_app(settings, FakeEngine())) as url:
         assert httpx.get(f"{url}/health").json()["max_partial_images"] == 1
+
+
+def test_models_offer_the_demo_page_the_models_example_prompts(tmp_path: Path) -> None:
+    examples = ("a red circle on a blue background", "a large green tree at night")
+    engine = FakeEngine(profile=dataclasses.replace(PROFILE, example_prompts=examples))
+    with live_server(create_app(make_settings(tmp_path), engine)) as url:
+        listed = httpx.get(f"{url}/v1/models").json()["data"]
+        one = httpx.get(f"{url}/v1/models/flux.1-dev").json()
+        retrieved = sdk_client(url).models.retrieve("flux.1-dev")
+    assert listed and all(card["example_prompts"] == list(examples) for card in listed)
+    assert set(one) == {"id", "object", "created", "owned_by", "example_prompts"}
+    assert one["example_prompts"] == list(examples)
+    assert (retrieved.id, retrieved.owned_by) == ("flux.1-dev", "fluxstream")
+    assert (retrieved.model_extra or {})["example_prompts"] == list(examples)
+
+
+def test_a_model_without_examples_lists_none(fake_server: str) -> None:
+    cards = httpx.get(f"{fake_server}/v1/models").json()["data"]
+    assert cards and all(card["example_prompts"] == [] for card in cards)

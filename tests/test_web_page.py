@@ -11,6 +11,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
@@ -44,9 +45,18 @@ if not CHROMIUM.exists():
         allow_module_level=True,
     )
 
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    Locator,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 PARTIAL = '#preview[data-kind="partial"][data-index="{}"]'
+# How many example prompts the page shows under the prompt box (EXAMPLES_SHOWN in app.js).
+EXAMPLES_SHOWN = 4
 # Waits end as soon as the page shows the value; the limit only bounds a failing test on a
 # busy machine.
 expect.set_options(timeout=30_000)
@@ -248,15 +258,65 @@ def test_page_fits_a_small_phone_screen_without_sideways_scrolling(
     page.route("**/health", lambda route: route.fulfill(json={"status": "ok", "model": model}))
     page.goto(page_server)
     expect(page.locator("#model")).to_have_text(model)
+    expect(examples(page)).to_have_count(EXAMPLES_SHOWN)
     widths = page.evaluate(
         "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
     )
     canvas = page.locator("#canvas").bounding_box()
     stage = page.locator("#stage").bounding_box()
+    form = page.locator("#form").bounding_box()
+    chips = [chip.bounding_box() for chip in examples(page).all()]
     context.close()
     assert widths[0] <= widths[1], "the page scrolls sideways on a phone"
     assert canvas is not None and stage is not None
     assert canvas["x"] + canvas["width"] <= stage["x"] + stage["width"]
+    assert form is not None
+    right = form["x"] + form["width"]
+    assert all(chip is not None and chip["x"] + chip["width"] <= right for chip in chips)
+
+
+def examples(page: Page) -> Locator:
+    """The example prompt buttons under the prompt box."""
+    return page.get_by_role("group", name="example prompts").get_by_role("button")
+
+
+def test_example_prompts_from_the_model_fill_the_prompt_box_without_generating(
+    page: Page, held_runner: HeldRunner
+) -> None:
+    posts = job_posts(page)
+    offered = held_runner.profile.example_prompts[:EXAMPLES_SHOWN]
+    assert offered, "the embedded model offers example prompts"
+    expect(examples(page)).to_have_text(list(offered))
+    examples(page).first.click()
+    expect(page.locator("#prompt")).to_have_value(offered[0])
+    expect(page.locator("#prompt")).to_be_focused()
+    examples(page).nth(1).focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).to_have_value(offered[1])
+    expect(page.locator("#stage")).to_have_attribute("data-state", "idle")
+    assert posts == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 200, "json": {"object": "list", "data": [{"id": "flux.1-dev"}]}},
+        {"status": 503, "json": error_body("down", type="server_error")},
+    ],
+    ids=["a model without examples", "a failed call"],
+)
+def test_without_the_models_examples_the_page_offers_its_own(
+    browser: Browser, page_server: str, answer: dict[str, Any]
+) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.route("**/v1/models", lambda route: route.fulfill(**answer))
+    page.goto(page_server)
+    expect(examples(page)).to_have_count(EXAMPLES_SHOWN)
+    expect(examples(page).first).to_have_text("a lighthouse at dusk, watercolor")
+    examples(page).first.click()
+    expect(page.locator("#prompt")).to_have_value("a lighthouse at dusk, watercolor")
+    context.close()
 
 
 def job_posts(page: Page) -> list[str]:

@@ -12,6 +12,15 @@ const STORE = {
 let partialImages = 3;
 const GALLERY_MAX = 48;
 const MAX_BLUR_PX = 6;
+// A few chips, not a wall of them: the first ones the model offers.
+const EXAMPLES_SHOWN = 4;
+// For a model that offers no examples of its own (a real FLUX), or a server that cannot say.
+const FALLBACK_EXAMPLES = [
+  "a lighthouse at dusk, watercolor",
+  "a red fox in fresh snow, morning light",
+  "a bowl of ramen on a wooden table, seen from above",
+  "a rainy city street at night, neon reflections",
+];
 
 class ApiError extends Error {
   constructor(message, status, code) {
@@ -420,6 +429,36 @@ async function showModel() {
   }
 }
 
+// ---- example prompts ----------------------------------------------------------
+
+function exampleButton(text) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  button.title = text;
+  // Fills the box only: the newcomer sees the prompt, and may change it, before generating.
+  button.addEventListener("click", () => {
+    $("prompt").value = text;
+    $("prompt").focus();
+  });
+  return button;
+}
+
+// The served model's examples draw what it can draw (the small embedded model knows only
+// its own grammar); without them, generic ones still give a first try something to draw.
+async function showExamples() {
+  let examples = [];
+  try {
+    const models = await api("/v1/models");
+    examples = (models.data && models.data[0] && models.data[0].example_prompts) || [];
+  } catch {
+    // The fallback below serves as well when the server cannot be asked.
+  }
+  const shown = (examples.length ? examples : FALLBACK_EXAMPLES).slice(0, EXAMPLES_SHOWN);
+  $("examples").append(...shown.map(exampleButton));
+  $("examples").hidden = false;
+}
+
 function init() {
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
@@ -442,6 +481,7 @@ function init() {
   $("api-key").addEventListener("input", () => saved.set(STORE.key, $("api-key").value.trim() || null));
   gallery.render();
   showModel();
+  showExamples();
   resume();
 }
 
