@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 
 from diffusers import FluxPipeline
 
 from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS, runs_compiled
+from pipeline.embedded import TINY_VAE_DIR
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import Job, ModelProfile
 from pipeline.loading import (
@@ -24,14 +27,22 @@ from pipeline.runner import FluxRunner
 from pipeline.safety import ClassifierSafetyChecker, SafetySpec
 
 
+def tiny_vae_folder(spec: ModelSpec) -> Path | None:
+    """The tiny preview decoder: the folder given, else the embedded model's own."""
+    if spec.tiny_vae is not None:
+        return spec.tiny_vae
+    return TINY_VAE_DIR if spec.model in EMBEDDED_MODELS else None
+
+
 def preview_decoders(pipe: FluxPipeline, spec: ModelSpec) -> dict[str, PreviewDecoder]:
-    """`linear` (fitted once per VAE, cached), `vae`, and `tiny` when its folder is given."""
+    """`linear` (fitted once per VAE, cached), `vae`, and `tiny` when it has a folder."""
     decoders: dict[str, PreviewDecoder] = {
         "linear": cached_linear_decoder(pipe.vae, spec.cache_dir),
         "vae": AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor),
     }
-    if spec.tiny_vae is not None:
-        tiny = load_tiny_vae(spec.tiny_vae, pipe)
+    folder = tiny_vae_folder(spec)
+    if folder is not None:
+        tiny = load_tiny_vae(folder, pipe)
         decoders["tiny"] = AutoencoderPreviewDecoder(tiny, pipe.vae_scale_factor)
     return decoders
 
@@ -91,7 +102,7 @@ def create_flux_engine(
     spec: ModelSpec,
     *,
     max_queued: int,
-    warmup_size: tuple[int, int] | None,
+    warmup_size: Callable[[ModelProfile], tuple[int, int]] | None,
     safety: SafetySpec | None = None,
     max_queue_wait_s: float | None = None,
     max_run_s: float | None = None,
@@ -101,7 +112,9 @@ def create_flux_engine(
     return ThreadedEngine(
         runner,
         max_queued=max_queued,
-        warmup=() if warmup_size is None else warmup_jobs(runner.profile, warmup_size),
+        warmup=(
+            () if warmup_size is None else warmup_jobs(runner.profile, warmup_size(runner.profile))
+        ),
         max_queue_wait_s=max_queue_wait_s,
         max_run_s=max_run_s,
         max_batch_size=max_batch_size,

@@ -19,6 +19,7 @@ from diffusers import AutoencoderTiny, FluxPipeline, FluxTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from pipeline import embedded
 from pipeline.embedded import ensure_embedded_model
 from pipeline.jobs import ModelProfile
 from pipeline.speedups import SpeedupError, Speedups, apply_speedups
@@ -76,11 +77,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()) -> ModelProfile:
-    """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28."""
+    """Per-model defaults: schnell is distilled for 4 steps without guidance, dev for 28.
+    The embedded model draws best at the size it was trained on, reads short captions, and
+    knows only its scene world, so it says so."""
     name = model.lower()
+    parameters = frozenset(inspect.signature(pipe.__call__).parameters)
     if model in EMBEDDED_MODELS:
-        steps, guidance = 8, 3.5
-    elif "schnell" in name or not pipe.transformer.config.guidance_embeds:
+        return ModelProfile(
+            model_id=model,
+            default_steps=8,
+            default_guidance=3.5,
+            pipeline_parameters=parameters,
+            speedups=speedups,
+            default_size=embedded.DEFAULT_SIZE,
+            max_sequence_length=embedded.MAX_SEQUENCE_LENGTH,
+            example_prompts=embedded.scenes.EXAMPLE_PROMPTS,
+        )
+    if "schnell" in name or not pipe.transformer.config.guidance_embeds:
         steps, guidance = 4, 0.0
     else:
         steps, guidance = 28, 3.5
@@ -88,7 +101,7 @@ def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()
         model_id=model,
         default_steps=steps,
         default_guidance=guidance,
-        pipeline_parameters=frozenset(inspect.signature(pipe.__call__).parameters),
+        pipeline_parameters=parameters,
         speedups=speedups,
     )
 

@@ -225,6 +225,8 @@ class FluxRunner:
         if edit is not None:
             pipe = self.edit_pipe(edit.mask is not None)
             arguments = edit.arguments(kontext=self._kontext, count=job.num_images)
+        if self._profile.max_sequence_length is not None:
+            arguments.setdefault("max_sequence_length", self._profile.max_sequence_length)
         # The first-block cache keeps its state per cache context. FluxPipeline opens one
         # around each transformer call; the img2img, inpaint and Kontext pipelines open
         # none, so the whole call runs in the "cond" context (inner ones simply reset it).
@@ -242,8 +244,7 @@ class FluxRunner:
                 generator=generators,
                 callback_on_step_end=on_step_end,
                 output_type="pil",
-                **arguments,
-                **job.pipeline_kwargs,
+                **(arguments | dict(job.pipeline_kwargs)),
             )
 
     def _preview(

@@ -84,7 +84,11 @@ def build_engine(settings: Settings) -> ImageEngine:
         return create_flux_engine(
             spec,
             max_queued=settings.max_queued,
-            warmup_size=default_generation_size(settings.max_pixels) if settings.warmup else None,
+            warmup_size=(
+                (lambda profile: default_generation_size(settings.max_pixels, profile.default_size))
+                if settings.warmup
+                else None
+            ),
             safety=safety,
             max_queue_wait_s=settings.max_queue_wait_s,
             max_run_s=settings.max_run_s,

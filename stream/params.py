@@ -189,6 +189,7 @@ def plan_generation(
         SizeRequest(request.size, request.aspect_ratio, request.resolution, request.megapixels),
         settings.max_pixels,
         like,
+        default=profile.default_size,
     )
     width, height = generation_size(*size)
     first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)

@@ -54,9 +54,11 @@ def generation_size(width: int, height: int) -> tuple[int, int]:
     return (-(-width // 16) * 16, -(-height // 16) * 16)
 
 
-def default_generation_size(max_pixels: int) -> tuple[int, int]:
+def default_generation_size(
+    max_pixels: int, default: tuple[int, int] = DEFAULT_SIZE
+) -> tuple[int, int]:
     """What a request that names no size generates: the size the warm-up runs at."""
-    return generation_size(*resolve_size(SizeRequest(), max_pixels))
+    return generation_size(*resolve_size(SizeRequest(), max_pixels, default=default))
 
 
 def parse_aspect_ratio(text: str, param: str) -> tuple[int, int]:
@@ -112,10 +114,14 @@ def scaled(shape: tuple[int, int], tier: float) -> tuple[int, int]:
 
 
 def resolve_size(
-    request: SizeRequest, max_pixels: int, like: tuple[int, int] | None = None
+    request: SizeRequest,
+    max_pixels: int,
+    like: tuple[int, int] | None = None,
+    default: tuple[int, int] = DEFAULT_SIZE,
 ) -> tuple[int, int]:
     """The exact output size for a request, within the server's pixel budget; `like` is the
-    size of an edit's input image, whose shape and tier fill in what the request omits."""
+    size of an edit's input image, whose shape and tier fill in what the request omits, and
+    `default` the model's size for a request that says nothing of size at all."""
     size = (request.size or "").strip()
     if size and size.lower() != "auto":
         if match := _WXH.match(size):
@@ -128,7 +134,7 @@ def resolve_size(
         )
     unsaid = request.aspect_ratio is None and request.resolution is None
     if unsaid and request.megapixels is None and like is None:
-        return _fit_budget(DEFAULT_SIZE, max_pixels)
+        return _fit_budget(default, max_pixels)
     if request.aspect_ratio:
         shape = parse_aspect_ratio(request.aspect_ratio, "aspect_ratio")
     else:

@@ -46,12 +46,13 @@ def test_missing_model_folder_fails_start_up_saying_there_is_no_such_folder(
     assert line == "fluxstream: could not load model '/nonexistent/flux': there is no such folder"
 
 
-def test_a_cache_dir_the_embedded_model_cannot_be_built_in_fails_start_up_with_one_line(
+def test_a_cache_dir_the_kontext_twin_cannot_be_made_in_fails_start_up_with_one_line(
     tmp_path: Path,
 ) -> None:
+    """The embedded model ships in the repository; its Kontext twin is made in the cache."""
     (tmp_path / "a-file").write_text("not a folder")
     cache = tmp_path / "a-file" / "cache"
-    assert start_up_failure("--cache-dir", str(cache)) == (
+    assert start_up_failure("--model", "embedded-kontext", "--cache-dir", str(cache)) == (
         f"fluxstream: cannot build the embedded model in the cache folder {cache}: Not a directory"
     )
 
