@@ -18,11 +18,12 @@ from pipeline.loading import (
     is_kontext_model,
     load_tiny_vae,
     model_profile,
-    prepare_pipeline,
+    place_pipeline,
+    read_pipeline,
     resolve_device,
 )
 from pipeline.preview_cache import cached_linear_decoder
-from pipeline.previews import AutoencoderPreviewDecoder, PreviewDecoder
+from pipeline.previews import AutoencoderPreviewDecoder, LinearPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
 from pipeline.safety import ClassifierSafetyChecker, SafetySpec
 
@@ -34,16 +35,21 @@ def tiny_vae_folder(spec: ModelSpec) -> Path | None:
     return TINY_VAE_DIR if spec.model in EMBEDDED_MODELS else None
 
 
-def preview_decoders(pipe: FluxPipeline, spec: ModelSpec) -> dict[str, PreviewDecoder]:
-    """`linear` (fitted once per VAE, cached), `vae`, and `tiny` when it has a folder."""
+def preview_decoders(
+    pipe: FluxPipeline, spec: ModelSpec, linear: LinearPreviewDecoder
+) -> dict[str, PreviewDecoder]:
+    """`linear` (fitted before placing), `vae`, and `tiny` when it has a folder. The
+    autoencoders take their inputs on the pipeline's execution device: under model offload
+    the VAE sits on the CPU until its call moves it to the GPU."""
+    device = pipe._execution_device
     decoders: dict[str, PreviewDecoder] = {
-        "linear": cached_linear_decoder(pipe.vae, spec.cache_dir),
-        "vae": AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor),
+        "linear": linear,
+        "vae": AutoencoderPreviewDecoder(pipe.vae, pipe.vae_scale_factor, device=device),
     }
     folder = tiny_vae_folder(spec)
     if folder is not None:
         tiny = load_tiny_vae(folder, pipe)
-        decoders["tiny"] = AutoencoderPreviewDecoder(tiny, pipe.vae_scale_factor)
+        decoders["tiny"] = AutoencoderPreviewDecoder(tiny, pipe.vae_scale_factor, device=device)
     return decoders
 
 
@@ -54,8 +60,12 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     checker = (
         ClassifierSafetyChecker(safety, resolve_device(spec.device)) if safety is not None else None
     )
-    pipe, applied = prepare_pipeline(spec)
-    decoders = preview_decoders(pipe, spec)
+    pipe = read_pipeline(spec)
+    # Before placing: offloading moves the VAE's weights to the meta device (sequential)
+    # or to the GPU at each call (model), where the fit's CPU inputs would not follow.
+    linear = cached_linear_decoder(pipe.vae, spec.cache_dir)
+    applied = place_pipeline(pipe, spec)
+    decoders = preview_decoders(pipe, spec, linear)
     runner = FluxRunner(
         pipe,
         dataclasses.replace(
@@ -72,10 +82,10 @@ def warmup_jobs(profile: ModelProfile, size: tuple[int, int]) -> tuple[Job, ...]
     """A request of the default `size`, previews included, so that its compiled
     graphs and allocations are the ones real requests reuse.
 
-    A compiled model also runs short requests that compile what the default one leaves
-    out: two images at once (compiled graphs specialise a batch of one) and the
-    first-block cache of `acceleration`, whose hooks change the blocks' graphs. After them
-    no request compiles, whatever its size, `n` or acceleration.
+    A compiled model also runs a short request of two images at once, since compiled
+    graphs specialise a batch of one. After it no request compiles, whatever its size, `n`
+    or acceleration: the first-block cache's hooks run eagerly around the compiled blocks
+    (`pipeline.speedups.compile_blocks`), so they need no warm-up of their own.
     """
     default = Job(
         prompt="warm-up",
@@ -88,14 +98,8 @@ def warmup_jobs(profile: ModelProfile, size: tuple[int, int]) -> tuple[Job, ...]
     )
     if not runs_compiled(profile.speedups):
         return (default,)
-    short = dataclasses.replace(default, num_inference_steps=4, partial_images=0)
-    pair = dataclasses.replace(short, seeds=(0, 1))
-    return (
-        default,
-        pair,
-        dataclasses.replace(short, acceleration="high"),
-        dataclasses.replace(pair, acceleration="high"),
-    )
+    pair = dataclasses.replace(default, num_inference_steps=4, seeds=(0, 1), partial_images=0)
+    return (default, pair)
 
 
 def create_flux_engine(

@@ -31,6 +31,9 @@ EMBEDDED_KONTEXT = "embedded-kontext"
 EMBEDDED_MODELS = (EMBEDDED, EMBEDDED_KONTEXT)
 # 16 latent channels in 2x2 patches: what text-to-image and Kontext feed the transformer.
 FLUX_INPUT_CHANNELS = 64
+# Devices that offloading moves weights to; the tests add the CPU to run diffusers' real
+# offloading hooks on a machine without a GPU.
+OFFLOAD_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -164,10 +167,11 @@ def is_kontext_model(spec: ModelSpec) -> bool:
     return str(config.get("_class_name", "")).startswith("FluxKontext")
 
 
-def load_pipeline(spec: ModelSpec) -> FluxPipeline:
+def read_pipeline(spec: ModelSpec) -> FluxPipeline:
+    """Load `spec`'s weights into CPU memory, in its dtype, not yet placed on its device."""
     _quiet_libraries()
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    startup_speedups(spec)  # refuses an impossible combination before the weights load
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
     source = model_source(spec)
     try:
         _check_servable(spec, source)
@@ -178,35 +182,58 @@ def load_pipeline(spec: ModelSpec) -> FluxPipeline:
             f"a hub id that is already in the local Hugging Face cache ({type(error).__name__})"
         ) from error
     pipe.set_progress_bar_config(disable=True)
-    _place(pipe, spec, device)
-    logger.info("loaded %s on %s as %s (offload: %s)", spec.model, device, dtype, spec.offload)
+    return pipe
+
+
+def load_pipeline(spec: ModelSpec) -> FluxPipeline:
+    """Load `spec` and place it on its device (or set up its offloading), without speed-ups."""
+    pipe = read_pipeline(spec)
+    _place(pipe, spec, resolve_device(spec.device))
     return pipe
 
 
 def prepare_pipeline(spec: ModelSpec) -> tuple[FluxPipeline, tuple[str, ...]]:
-    """Load `spec` and apply its speed-ups; returns the pipeline and what was applied."""
-    pipe = load_pipeline(spec)
+    """Load `spec`, place it and apply its speed-ups; returns the pipeline and what was
+    applied."""
+    pipe = read_pipeline(spec)
+    return pipe, place_pipeline(pipe, spec)
+
+
+def place_pipeline(pipe: FluxPipeline, spec: ModelSpec) -> tuple[str, ...]:
+    """Place a `read_pipeline` result on its device (or offload it) and apply its speed-ups;
+    returns what was applied. What must read the weights in CPU memory (the preview fit and
+    its cache key) runs before this: sequential offload leaves them on the meta device."""
+    device = resolve_device(spec.device)
+    speedups = startup_speedups(spec)
+    _place(pipe, spec, device)
     try:
-        applied = apply_speedups(
-            pipe, startup_speedups(spec), resolve_device(spec.device), spec.cache_dir
-        )
+        return apply_speedups(pipe, speedups, device, spec.cache_dir)
     except SpeedupError as error:
         raise ModelLoadError(str(error)) from None
-    return pipe, applied
 
 
 def startup_speedups(spec: ModelSpec) -> Speedups:
     """`--compile auto` leaves an offloaded model uncompiled: offloading moves the weights
-    between devices at every call, which compiled blocks do not survive."""
-    if spec.offload != "none" and spec.speedups.compile == "auto":
-        return dataclasses.replace(spec.speedups, compile="off")
-    return spec.speedups
+    between devices at every call, which compiled blocks do not survive. Sequential offload
+    keeps the weights on the meta device between calls, where fusing or quantizing them
+    at start-up cannot work: `auto` fusion is off there, and asking for either is refused."""
+    speedups = spec.speedups
+    if spec.offload != "none" and speedups.compile == "auto":
+        speedups = dataclasses.replace(speedups, compile="off")
+    if spec.offload != "sequential":
+        return speedups
+    if speedups.fuse_qkv == "on" or speedups.quantize != "none":
+        raise ModelLoadError(
+            "--offload sequential cannot be combined with --fuse-qkv on or --quantize: it "
+            "keeps the weights on the meta device; use --offload model for those"
+        )
+    return dataclasses.replace(speedups, fuse_qkv="off")
 
 
 def _place(pipe: FluxPipeline, spec: ModelSpec, device: torch.device) -> None:
     """Move the pipeline to its device, or set up offloading; refuse what cannot fit."""
     if spec.offload != "none":
-        if device.type != "cuda":
+        if device.type not in OFFLOAD_DEVICE_TYPES:
             raise ModelLoadError(
                 f"--offload {spec.offload} moves weights between the CPU and a GPU; "
                 f"with device {device} there is nothing to offload to"
@@ -217,10 +244,12 @@ def _place(pipe: FluxPipeline, spec: ModelSpec, device: torch.device) -> None:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.enable_sequential_cpu_offload(device=device)
+        logger.info("loaded %s offloaded to %s (%s)", spec.model, device, spec.offload)
         return
     if device.type == "cuda":
         _check_fits(pipe, device)
     pipe.to(device)
+    logger.info("loaded %s on %s as %s", spec.model, device, pipe.transformer.dtype)
 
 
 def _check_fits(pipe: FluxPipeline, device: torch.device) -> None:
@@ -254,4 +283,6 @@ def load_tiny_vae(folder: Path, pipe: FluxPipeline) -> AutoencoderTiny:
             f"the tiny preview VAE in {folder} has {tiny.config.latent_channels} latent "
             f"channels; the model has {pipe.vae.config.latent_channels}"
         )
-    return tiny.to(pipe.vae.device)
+    # Where the pipeline runs, not `pipe.vae.device`: offloading leaves the VAE on the CPU
+    # or the meta device between calls.
+    return tiny.to(pipe._execution_device)

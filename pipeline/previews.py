@@ -68,15 +68,20 @@ class AutoencoderPreviewDecoder:
     image previewed at 512 px cost a quarter of a decode, but a VAE's latents are not
     images: on the embedded model that preview is far from the decode (15 dB), so it is
     not the default (`bench/previews.py` measures both).
+
+    `device` is where the inputs go when it is not the VAE's own device: an offloaded
+    VAE waits on the CPU or the meta device, and its call moves it to `device`.
     """
 
     vae: AutoencoderKL | AutoencoderTiny
     scale_factor: int
     reduce_latents: bool = False
+    device: torch.device | None = None
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-        latents = latents.detach()[None].to(self.vae.device, self.vae.dtype)
+        device = self.device or self.vae.device
+        latents = latents.detach()[None].to(device, self.vae.dtype)
         reduced = (ceil(size[1] / self.scale_factor), ceil(size[0] / self.scale_factor))
         if self.reduce_latents and reduced[0] * reduced[1] < latents[0, 0].numel():
             latents = torch.nn.functional.interpolate(latents, size=reduced, mode="area")
@@ -147,7 +152,7 @@ class StepObservation:
 
     sample: torch.Tensor
     velocity: torch.Tensor
-    sigma: float
+    sigma: torch.Tensor  # 0-d, on the scheduler's device: reading it would sync every step
 
     def predicted_clean(self) -> torch.Tensor:
         return self.sample - self.sigma * self.velocity
@@ -158,6 +163,9 @@ def observe_scheduler_steps(
     scheduler: object, on_step: Callable[[StepObservation], None]
 ) -> Iterator[None]:
     """Report each `scheduler.step` call's input sample, model output and sigma.
+
+    Nothing here leaves the device: diffusers keeps `sigmas` on it, and a host read per
+    step would stall the GPU's queue at every step, previews or not.
 
     Wrapping the instance's `step` keeps the diffusers denoising loop unforked. Only the
     engine's worker thread calls the pipeline, so the temporary attribute is never shared.
@@ -172,7 +180,7 @@ def observe_scheduler_steps(
         **kwargs: object,
     ) -> object:
         output = original(model_output, timestep, sample, *args, **kwargs)
-        sigma = float(scheduler.sigmas[scheduler.step_index - 1])  # type: ignore[attr-defined]
+        sigma = scheduler.sigmas[scheduler.step_index - 1]  # type: ignore[attr-defined]
         on_step(StepObservation(sample=sample, velocity=model_output, sigma=sigma))
         return output
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from diffusers import FluxPipeline
+from diffusers.models.attention import AttentionModuleMixin
 
 from pipeline.fp8 import fp8_supported, quantize_blocks_fp8, quantize_blocks_torchao
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 Switch = Literal["auto", "on", "off"]
 Quantize = Literal["none", "fp8", "fp8-torchao"]
 REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
 class SpeedupError(Exception):
@@ -51,10 +53,10 @@ def apply_speedups(
     applied: list[str] = []
     transformer = pipe.transformer
     if speedups.fuses(device):
-        transformer.fuse_qkv_projections()
+        fuse_qkv(transformer)
         applied.append("fused-qkv")
     if speedups.quantize != "none":
-        applied.append(_quantize(transformer, speedups.quantize, device))
+        applied.append(_quantize(transformer, speedups, device))
     if device.type == "cuda":
         pipe.vae.to(memory_format=torch.channels_last)
         applied.append("channels-last-vae")
@@ -68,24 +70,50 @@ def apply_speedups(
         applied.append(f"attention={speedups.attention_backend}")
     if speedups.compiles(device):
         _persist_compile_cache(cache_dir)
-        # Not fullgraph: the first-block cache (`acceleration`) hooks the blocks with a
-        # decision dynamo must not trace; without the cache the graphs are whole anyway.
-        # Dynamic: one graph serves every image size (token count) and, once warmed with
-        # two images, every batch size, so no request at another size compiles.
-        transformer.compile_repeated_blocks(
-            fullgraph=False, dynamic=True, backend=speedups.compile_backend
-        )
+        compile_blocks(transformer, speedups.compile_backend)
         applied.append(f"regional-compile({speedups.compile_backend})")
     logger.info("speed-ups: %s", ", ".join(applied) or "none")
     return tuple(applied)
 
 
-def _quantize(transformer: torch.nn.Module, quantize: Quantize, device: torch.device) -> str:
+def compile_blocks(transformer: torch.nn.Module, backend: str) -> None:
+    """Regional compile of each repeated block's own `forward`, not of its `__call__`.
+
+    diffusers' `compile_repeated_blocks` compiles `__call__`, which runs whatever
+    `forward` is at call time: once the first-block cache (`acceleration`) replaces every
+    block's `forward` with its shared wrapper, dynamo traces that wrapper too and needs a
+    version per block position, batch size and skip/compute case, past its recompile
+    limit (8). Compiling the bound `forward` before any hook wraps it leaves the hooks
+    eager around compiled blocks, so the cache adds no graphs. Dynamic: one graph per block
+    type serves every image size (token count) and, once warmed with two images, every
+    batch size. Not fullgraph, so that an attention backend dynamo cannot trace breaks
+    the graph instead of the request.
+    """
+    for list_name in REPEATED_BLOCKS:
+        for block in getattr(transformer, list_name):
+            block.forward = torch.compile(block.forward, dynamic=True, backend=backend)
+
+
+def fuse_qkv(transformer: torch.nn.Module) -> None:
+    """One matmul for Q, K and V (and for the text stream's added Q, K and V), without
+    the separate projections: diffusers' `fuse_qkv_projections` keeps them (about 4.3 GB
+    in bf16 on FLUX.1, unused once fused), and fp8 would quantize them too. Fusing one
+    attention at a time keeps the transient to one layer's weights."""
+    for module in transformer.modules():
+        if isinstance(module, AttentionModuleMixin) and module._supports_qkv_fusion:
+            module.fuse_projections()
+            for name in UNFUSED_PROJECTIONS:
+                if hasattr(module, name):
+                    delattr(module, name)
+
+
+def _quantize(transformer: torch.nn.Module, speedups: Speedups, device: torch.device) -> str:
     """Swap the repeated blocks' linears for fp8 ones; returns what was done.
 
     A GPU without fp8 tensor cores (an A100, say) keeps serving in bf16 rather than
     refusing to start: the log and `/health`'s speed-ups say so.
     """
+    quantize = speedups.quantize
     if not fp8_supported(device):
         logger.warning("--quantize %s: %s has no fp8 matmuls; serving in bf16", quantize, device)
         return "no-fp8-on-this-gpu(bf16)"
@@ -102,7 +130,24 @@ def _quantize(transformer: torch.nn.Module, quantize: Quantize, device: torch.de
                 "--quantize fp8-torchao needs the torchao package: pip install torchao"
             ) from None
         return f"fp8-torchao({count} linears)"
+    _check_rowwise_dtype(transformer, device)
+    if not speedups.compiles(device):
+        logger.warning(
+            "--quantize fp8 without --compile: each linear quantizes its input in separate "
+            "eager kernels, which is likely slower than bf16 on a GPU; fp8 pays off compiled"
+        )
     return f"fp8-rowwise({quantize_blocks_fp8(transformer, REPEATED_BLOCKS)} linears)"
+
+
+def _check_rowwise_dtype(transformer: torch.nn.Module, device: torch.device) -> None:
+    """CUDA's rowwise-scaled `_scaled_mm` writes bf16 only (torch's CUTLASS kernel refuses
+    any other output type; only cuBLAS on sm90 with CUDA 12.9+ adds float32), so a model in
+    another dtype would fail at its first linear: refuse it at start-up instead."""
+    if device.type == "cuda" and transformer.dtype != torch.bfloat16:
+        raise SpeedupError(
+            f"--quantize fp8 on CUDA needs --dtype bfloat16 (torch's rowwise fp8 matmul "
+            f"writes bf16 only); the model is loaded as {transformer.dtype}"
+        )
 
 
 def _persist_compile_cache(cache_dir: Path) -> None:

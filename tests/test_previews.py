@@ -16,7 +16,13 @@ from pipeline import preview_cache
 from pipeline.factory import create_flux_runner
 from pipeline.jobs import Event, Job, Preview, Result
 from pipeline.loading import ModelSpec
-from pipeline.previews import AutoencoderPreviewDecoder, preview_steps, sample_latents
+from pipeline.previews import (
+    AutoencoderPreviewDecoder,
+    StepObservation,
+    observe_scheduler_steps,
+    preview_steps,
+    sample_latents,
+)
 from pipeline.runner import FluxRunner
 
 
@@ -187,3 +193,35 @@ def test_tiny_vae_from_a_local_folder_becomes_the_tiny_preview(
         preview_decoder="tiny",
     )
     assert [preview.image.size for preview in previews] == [(64, 32), (64, 32)]
+
+
+class HostReadForbidden(torch.Tensor):
+    """A tensor that fails the test when read on the host, as a GPU tensor would sync."""
+
+    def __float__(self) -> float:
+        raise AssertionError("the observer read a device tensor on the host")
+
+    def item(self) -> float:
+        raise AssertionError("the observer read a device tensor on the host")
+
+
+class SteppingScheduler:
+    """The part of a diffusers scheduler that the observer touches."""
+
+    def __init__(self) -> None:
+        self.sigmas = torch.tensor([1.0, 0.5, 0.0]).as_subclass(HostReadForbidden)
+        self.step_index = 0
+
+    def step(self, model_output: torch.Tensor, timestep: object, sample: torch.Tensor) -> None:
+        self.step_index += 1
+
+
+def test_the_step_observer_never_reads_sigma_on_the_host() -> None:
+    scheduler = SteppingScheduler()
+    seen: list[StepObservation] = []
+    sample, velocity = torch.ones(1, 4, 8), torch.full((1, 4, 8), 2.0)
+    with observe_scheduler_steps(scheduler, seen.append):
+        scheduler.step(velocity, 0, sample)
+        scheduler.step(velocity, 1, sample)
+    clean = seen[-1].predicted_clean().as_subclass(torch.Tensor)
+    assert torch.equal(clean, torch.zeros(1, 4, 8))

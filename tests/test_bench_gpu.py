@@ -1,0 +1,58 @@
+"""`bench/gpu.py` on the CPU: its warm-up covers what it measures, its random model is alive."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from bench import gpu
+
+
+def test_bench_warm_up_compiles_everything_its_measured_requests_run() -> None:
+    # The eager backend runs dynamo's capture as inductor does, in seconds on a CPU.
+    torch._dynamo.reset()
+    args = argparse.Namespace(
+        tiny=True,
+        model=None,
+        device="cpu",
+        size=64,
+        steps=2,
+        repeats=1,
+        compile="on",
+        compile_backend="eager",
+        quantize="none",
+        attention_backend=None,
+    )
+    result = asyncio.run(gpu.run(args))
+    assert result["graphs_compiled_after_warmup"] == 0
+
+
+def small_t5() -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=100)
+    )
+
+
+def test_random_weights_keep_norm_scales_so_t5_says_something() -> None:
+    t5 = gpu._on_device(small_t5, torch.device("cpu"), torch.float32)
+    output = t5(input_ids=torch.arange(10)[None]).last_hidden_state
+    assert output.abs().mean() > 0.1
+
+
+def test_random_weights_are_allocated_in_the_target_dtype_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    allocated: list[set[torch.dtype]] = []
+    to_empty = torch.nn.Module.to_empty
+
+    def recording(module: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        allocated.append({parameter.dtype for parameter in module.parameters()})
+        return to_empty(module, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", recording)
+    gpu._on_device(small_t5, torch.device("cpu"), torch.bfloat16)
+    assert allocated == [{torch.bfloat16}]
