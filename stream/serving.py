@@ -39,7 +39,7 @@ from stream.errors import (
     ServerError,
     ServiceUnavailable,
 )
-from stream.images import MEDIA_TYPES, encode_async, fit_exact, to_b64
+from stream.images import MEDIA_TYPES, encode_all, encode_async, to_b64
 from stream.metrics import Metrics
 from stream.params import ImagePlan
 from stream.settings import Settings
@@ -177,8 +177,8 @@ class ImageService:
         files: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         items = []
-        for image, seed in zip(result.images, result.seeds, strict=True):
-            data = await encode_async(fit_exact(image, plan.size), plan.output_format, plan.quality)
+        encoded = await encode_all(result.images, plan.size, plan.output_format, plan.quality)
+        for data, seed in zip(encoded, result.seeds, strict=True):
             item: dict[str, Any] = {}
             if plan.response_format == "b64_json" or always_b64:
                 item["b64_json"] = to_b64(data)
