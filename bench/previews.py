@@ -6,7 +6,9 @@
   time of one denoising step (the interval between two step-end callbacks: transformer
   plus scheduler);
 - end to end: a streamed request through a real uvicorn server with the OpenAI SDK,
-  `partial_images=3` over the same request with `partial_images=0`.
+  `partial_images=3` over the same request with `partial_images=0`;
+- convergence: through the same server, a preview at every step of a --convergence-steps
+  request at the model's default size, per decoder: PSNR of each against the final image.
 
 Times are the best of --repeats runs (after a warm-up): the machines here are shared, and
 the fastest run is the one least disturbed by other work. The end-to-end ratio is the
@@ -40,9 +42,10 @@ from stream.app import create_app
 from stream.params import preview_size
 from stream.settings import Settings
 from tests.conftest import sdk_client
+from tests.images import decode_b64
 from tests.servers import live_server
 
-PROMPT = "a lighthouse at dusk"
+GENERIC_PROMPT = "a lighthouse at dusk"
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
@@ -71,12 +74,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preview-max-side", type=int, default=512)
+    parser.add_argument("--convergence-steps", type=int, default=24)
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="fluxstream-bench-"))
     spec = ModelSpec(model=args.model, cache_dir=scratch / "cache", tiny_vae=args.tiny_vae)
     runner = create_flux_runner(spec)
     pipe = runner.pipe
+    # A prompt the model draws well (the embedded model knows only its scene world), read
+    # with the model's own T5 length, as the server does.
+    args.prompt = next(iter(runner.profile.example_prompts), GENERIC_PROMPT)
+    args.max_sequence_length = runner.profile.max_sequence_length or 512
     decoders: dict[str, PreviewDecoder] = {
         **runner.decoders,
         "vae, downscaled latent": AutoencoderPreviewDecoder(
@@ -103,10 +111,11 @@ def report_size(
     def generate() -> torch.Tensor:
         step_ends.clear()
         packed = pipe(
-            prompt=PROMPT,
+            prompt=args.prompt,
             width=side,
             height=side,
             num_inference_steps=args.steps,
+            max_sequence_length=args.max_sequence_length,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
             callback_on_step_end=mark,
@@ -131,19 +140,50 @@ def report_size(
 
 
 def report_end_to_end(runner: FluxRunner, scratch: Path, args: argparse.Namespace) -> None:
-    settings = Settings(data_dir=scratch / "images", cache_dir=scratch / "cache")
+    settings = Settings(
+        data_dir=scratch / "images",
+        cache_dir=scratch / "cache",
+        max_partial_images=args.convergence_steps - 1,
+    )
     app = create_app(settings, ThreadedEngine(runner, max_queued=4))
     with live_server(app) as url:
         client = sdk_client(url)
         for side in args.sizes:
             report_streamed(client, side, args)
+        report_convergence(client, runner.profile.preview_decoders, args)
+
+
+def report_convergence(client: OpenAI, decoders: tuple[str, ...], args: argparse.Namespace) -> None:
+    """PSNR of the preview at each step against the final image, per decoder."""
+    table: dict[str, list[float]] = {}
+    for decoder in decoders:
+        events = list(
+            client.images.generate(
+                prompt=args.prompt,
+                stream=True,
+                partial_images=args.convergence_steps - 1,
+                extra_body={
+                    "num_inference_steps": args.convergence_steps,
+                    "seed": 0,
+                    "preview": decoder,
+                },
+            )
+        )
+        final = decode_b64(events[-1].b64_json)
+        table[decoder] = [
+            psnr(decode_b64(e.b64_json).resize(final.size), final) for e in events[:-1]
+        ]
+    print(f"\nconvergence, default size, {args.convergence_steps} steps: PSNR (dB) vs final")
+    print("  step " + "".join(f"{name:>9}" for name in table))
+    for step in range(args.convergence_steps - 1):
+        print(f"  {step + 1:>4} " + "".join(f"{table[name][step]:>9.1f}" for name in table))
 
 
 def report_streamed(client: OpenAI, side: int, args: argparse.Namespace) -> None:
     def streamed(partials: int) -> None:
         events = list(
             client.images.generate(
-                prompt=PROMPT,
+                prompt=args.prompt,
                 size=f"{side}x{side}",
                 stream=True,
                 partial_images=partials,

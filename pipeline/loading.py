@@ -34,6 +34,7 @@ FLUX_INPUT_CHANNELS = 64
 # Devices that offloading moves weights to; the tests add the CPU to run diffusers' real
 # offloading hooks on a machine without a GPU.
 OFFLOAD_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+_PIPELINE_T5_LENGTH = 512
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -93,7 +94,7 @@ def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()
             pipeline_parameters=parameters,
             speedups=speedups,
             default_size=embedded.DEFAULT_SIZE,
-            max_sequence_length=embedded.MAX_SEQUENCE_LENGTH,
+            max_sequence_length=t5_length(pipe),
             example_prompts=embedded.scenes.EXAMPLE_PROMPTS,
         )
     if "schnell" in name or not pipe.transformer.config.guidance_embeds:
@@ -106,7 +107,15 @@ def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()
         default_guidance=guidance,
         pipeline_parameters=parameters,
         speedups=speedups,
+        max_sequence_length=t5_length(pipe),
     )
+
+
+def t5_length(pipe: FluxPipeline) -> int | None:
+    """The T5 length the model's tokenizer declares when it is shorter than the pipeline's
+    default (512): the embedded model was trained on 32 tokens and draws noise from 512."""
+    length = getattr(pipe.tokenizer_2, "model_max_length", None)
+    return length if isinstance(length, int) and length < _PIPELINE_T5_LENGTH else None
 
 
 def _quiet_libraries() -> None:
@@ -170,8 +179,9 @@ def is_kontext_model(spec: ModelSpec) -> bool:
 def read_pipeline(spec: ModelSpec) -> FluxPipeline:
     """Load `spec`'s weights into CPU memory, in its dtype, not yet placed on its device."""
     _quiet_libraries()
-    startup_speedups(spec)  # refuses an impossible combination before the weights load
-    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    device = resolve_device(spec.device)
+    _check_offload(spec, device)
+    dtype = resolve_dtype(spec.dtype, device)
     source = model_source(spec)
     try:
         _check_servable(spec, source)
@@ -230,16 +240,23 @@ def startup_speedups(spec: ModelSpec) -> Speedups:
     return dataclasses.replace(speedups, fuse_qkv="off")
 
 
+def _check_offload(spec: ModelSpec, device: torch.device) -> None:
+    """Refuse an offload that cannot work before any weights load or previews are fitted."""
+    startup_speedups(spec)  # refuses fused QKV or fp8 with sequential offload
+    if spec.offload == "none":
+        return
+    if device.type not in OFFLOAD_DEVICE_TYPES:
+        raise ModelLoadError(
+            f"--offload {spec.offload} moves weights between the CPU and a GPU; "
+            f"with device {device} there is nothing to offload to"
+        )
+    if spec.speedups.compile == "on":
+        raise ModelLoadError("--offload cannot be combined with --compile on")
+
+
 def _place(pipe: FluxPipeline, spec: ModelSpec, device: torch.device) -> None:
     """Move the pipeline to its device, or set up offloading; refuse what cannot fit."""
     if spec.offload != "none":
-        if device.type not in OFFLOAD_DEVICE_TYPES:
-            raise ModelLoadError(
-                f"--offload {spec.offload} moves weights between the CPU and a GPU; "
-                f"with device {device} there is nothing to offload to"
-            )
-        if spec.speedups.compile == "on":
-            raise ModelLoadError("--offload cannot be combined with --compile on")
         if spec.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         else:

@@ -17,6 +17,14 @@ def noise_image(size: tuple[int, int] = (128, 96), seed: int = 0) -> Image.Image
     return Image.fromarray(pixels, mode="RGB")
 
 
+def scene_image(size: tuple[int, int] = (128, 96)) -> Image.Image:
+    """A picture from the embedded model's scene world, which its VAE reproduces well."""
+    from pipeline.embedded import scenes
+
+    scene = scenes.Scene("sky", (scenes.SceneObject("house", "red", "large", "left"),))
+    return Image.fromarray((scenes.render(scene, *size) * 255).astype(np.uint8), mode="RGB")
+
+
 def encoded(image: Image.Image, image_format: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, **options)

@@ -27,7 +27,7 @@ from pipeline.loading import EMBEDDED_KONTEXT, ModelSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
 from tests.conftest import make_settings, sdk_client
-from tests.images import decode_b64, encoded, hole_mask, noise_image, pixels
+from tests.images import decode_b64, encoded, hole_mask, noise_image, pixels, scene_image
 from tests.servers import live_server
 
 SIZE = (128, 96)
@@ -133,9 +133,14 @@ def test_streamed_strength_zero_sends_the_input_as_the_completed_image(
 
 
 def test_lower_strength_stays_closer_to_the_input(flux_server: str) -> None:
+    """On a picture of the embedded model's world: its VAE was trained on scenes, so noise
+    comes back from it changed whatever the strength."""
+    scene = scene_image(SIZE)
+
     def distance(strength: float) -> float:
-        output = only_image(edit(flux_server, extra_body={"strength": strength}))
-        return float(np.abs(output - pixels(PICTURE)).mean())
+        upload = ("scene.png", encoded(scene), "image/png")
+        output = only_image(edit(flux_server, image=upload, extra_body={"strength": strength}))
+        return float(np.abs(output - pixels(scene)).mean())
 
     assert distance(0.25) < distance(1.0)
 
@@ -257,7 +262,9 @@ def test_a_saved_diffusers_folder_loads_by_path_and_edits_as_its_model_does(
     )
     (image,) = loaded.run(job, lambda event: None, lambda: False).images
     (expected,) = runner.run(job, lambda event: None, lambda: False).images
-    assert np.array_equal(pixels(image), pixels(expected))
+    # The shipped weights are float16 on disk and the copy float32: the same values, laid
+    # out apart in memory, which CPU kernels may round differently by one level.
+    assert np.abs(pixels(image) - pixels(expected)).max() <= 1
 
 
 def test_kontext_model_refuses_several_images_with_a_400_that_says_so(

@@ -1,25 +1,28 @@
-"""The embedded model: a tiny FLUX built from a fixed seed, offline, with real diffusers classes.
+"""The embedded model: a tiny FLUX trained here on a scene world, shipped in the repository.
 
 No machine here reaches a model hub and most have no GPU, yet tests and first runs should
-exercise every line of the real FLUX path: packed latents, the flow-matching scheduler with
-dynamic shifting, distilled guidance, CLIP + T5 conditioning, a 16-channel VAE. So we build
-the smallest models of those exact classes, train two tokenizers on a built-in word list,
-save everything with `save_pretrained`, and load it back through `from_pretrained` like real
-weights. The result is cached on disk; its pictures are abstract.
+exercise every line of the real FLUX path (packed latents, the flow-matching scheduler with
+dynamic shifting, distilled guidance, CLIP + T5 conditioning, a 16-channel VAE) and show a
+picture forming. So the embedded model is the smallest set of those exact diffusers
+classes, trained by `python -m pipeline.embedded.train` on the captions and pictures of
+`pipeline.embedded.scenes`, and committed as a diffusers folder (`model/`) beside a tiny
+preview decoder (`tiny_vae/`). Serving loads it with `from_pretrained` like real weights;
+nothing is built or trained at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     FlowMatchEulerDiscreteScheduler,
-    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
 )
@@ -33,36 +36,57 @@ from transformers import (
     T5Tokenizer,
 )
 
-# Bump when anything below changes, so that stale caches are rebuilt rather than reused.
-EMBEDDED_VERSION = "2"
-EMBEDDED_SEED = 20260101
-TEXT_DIM = 32
+from pipeline.embedded import scenes
 
-_CORPUS = """
-a an the of in on at by with and or under over above below beside near far into from
-portrait photo photograph painting drawing sketch illustration render watercolor oil
-lighthouse dusk dawn sunset sunrise night day morning evening storm rain snow fog mist
+HERE = Path(__file__).parent
+MODEL_DIR = HERE / "model"
+TINY_VAE_DIR = HERE / "tiny_vae"
+# Bump when the shipped model changes, so that a cached Kontext twin is made again.
+EMBEDDED_VERSION = "3"
+# Captions are short: T5 reads 32 tokens, in training and in serving (FLUX reads 512); the
+# T5 tokenizer declares it, so a copy of the model in another folder reads 32 too.
+MAX_SEQUENCE_LENGTH = 32
+# What a request that names no size gets: the size the model was trained to draw best.
+DEFAULT_SIZE = (256, 256)
+
+# The grammar's words, then words a person may try: those still get one token each.
+_GRAMMAR_WORDS = sorted(
+    {
+        word
+        for phrase in (
+            *scenes.COLOURS,
+            *scenes.SHAPES,
+            *scenes.SIZES,
+            *(scenes.position_phrase(p) for p in scenes.POSITIONS),
+            *(scenes.background_phrase(b) for b in (*scenes.COLOURS, *scenes.SKIES)),
+            "a an and",
+        )
+        for word in phrase.split()
+    }
+)
+_OTHER_WORDS = """
+the of by with or over above below beside near far into from portrait photo painting
+drawing sketch render lighthouse dusk dawn sunrise day morning evening storm rain snow fog
 cat dog horse bird fish fox owl wolf bear lion tiger dragon robot astronaut knight wizard
-red orange yellow green blue purple pink black white gray golden silver bright dark
-sky sea ocean lake river forest mountain valley desert island city street house castle
-tower bridge garden field flower tree leaf stone glass metal wood fire water light shadow
-old young small large tall tiny huge beautiful quiet calm wild cozy ancient modern future
-detailed cinematic realistic abstract minimal vivid soft sharp colorful neon studio
+gray golden silver bright dark sea ocean lake river forest mountain valley desert island
+city street castle tower bridge garden field flower leaf stone glass metal wood fire water
+light shadow old young tall tiny huge beautiful quiet calm wild ancient modern big little
 0 1 2 3 4 5 6 7 8 9 , . ! ? : ; - ' " ( ) & % + = / @ #
 """.split()
+_CORPUS = _GRAMMAR_WORDS * 8 + _OTHER_WORDS * 2
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
     base = CLIPTokenizer().backend_tokenizer
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=1000,
+        vocab_size=1200,
         special_tokens=["<|startoftext|>", "<|endoftext|>"],
         initial_alphabet=alphabet,
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    base.train_from_iterator(_CORPUS * 4, trainer)
+    base.train_from_iterator(_CORPUS, trainer)
     state = json.loads(base.to_str())["model"]
     vocab: dict[str, int] = state["vocab"]
     # Every byte must also exist as a word-final token, or unseen words fall to <unk>.
@@ -73,35 +97,64 @@ def _clip_tokenizer() -> CLIPTokenizer:
 
 
 def _t5_tokenizer() -> T5Tokenizer:
-    unigram = Tokenizer(models.Unigram())
+    """A unigram tokenizer whose pieces are whole words (scored by how often the corpus
+    has them) with single characters to fall back on: the unigram trainer, given so few
+    words, splits the grammar's words into pieces that a tiny encoder learns more slowly."""
+    counts: dict[str, int] = {}
+    for word in _CORPUS:
+        counts["▁" + word.lower()] = counts.get("▁" + word.lower(), 0) + 1
+    total = sum(counts.values())
+    characters = sorted(set("".join(_CORPUS).lower()) | set("abcdefghijklmnopqrstuvwxyz"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
+    vocab += [(piece, math.log(count / total)) for piece, count in sorted(counts.items())]
+    vocab += [(char, -12.0) for char in characters if "▁" + char not in counts]
+    unigram = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     unigram.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    unigram.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        ]
-    )
-    trainer = trainers.UnigramTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        initial_alphabet=sorted(set("".join(_CORPUS))),
-        show_progress=False,
-    )
-    unigram.train_from_iterator(_CORPUS * 4, trainer)
-    vocab = [tuple(entry) for entry in json.loads(unigram.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    pieces = [tuple(entry) for entry in json.loads(unigram.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
 def embedded_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
-    """CLIP (byte-level BPE) and T5 (unigram) tokenizers trained on the built-in word list."""
+    """CLIP (byte-level BPE) and T5 (unigram) tokenizers trained on the scene grammar."""
     return _clip_tokenizer(), _t5_tokenizer()
+
+
+@dataclass(frozen=True)
+class EmbeddedShape:
+    """The sizes of every component; `train` uses the shipped one, tests a smaller one."""
+
+    hidden: int = 192
+    heads: int = 6
+    double_layers: int = 3
+    single_layers: int = 3
+    rope: tuple[int, int, int] = (4, 14, 14)
+    text_dim: int = 64
+    text_layers: int = 2
+    vae_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
+    vae_groups: int = 8
+    tiny_channels: int = 32
+
+
+TINY_SHAPE = EmbeddedShape(
+    hidden=32,
+    heads=2,
+    double_layers=1,
+    single_layers=1,
+    rope=(4, 6, 6),
+    text_dim=16,
+    text_layers=1,
+    vae_channels=(8, 8, 16, 16),
+    vae_groups=4,
+    tiny_channels=8,
+)
 
 
 def flux_vae(
     block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int = 32
 ) -> AutoencoderKL:
-    """FLUX's VAE shape: 16 latent channels, 8x downsampling, no quant convs."""
+    """FLUX's VAE shape: 16 latent channels, 8x downsampling, no quant convs. No attention in
+    the mid-block, so that the cost stays linear in the pixels at any size."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -113,6 +166,7 @@ def flux_vae(
         norm_num_groups=norm_num_groups,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        mid_block_add_attention=False,
         shift_factor=0.1159,
         scaling_factor=0.3611,
     )
@@ -130,31 +184,43 @@ def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def build_embedded_pipeline() -> FluxPipeline:
-    """Build the tiny FLUX pipeline in memory; deterministic for a given library version."""
-    torch.manual_seed(EMBEDDED_SEED)
+def tiny_vae(channels: int) -> AutoencoderTiny:
+    """A TAEF1-shaped preview decoder; it reads the transformer's (scaled) latents."""
+    return AutoencoderTiny(
+        encoder_block_out_channels=(channels,) * 4,
+        decoder_block_out_channels=(channels,) * 4,
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=16,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+
+
+def build_embedded_pipeline(shape: EmbeddedShape = EmbeddedShape()) -> FluxPipeline:
+    """The untrained pipeline: real FLUX classes at `shape`, with random weights."""
     clip_tokenizer, t5_tokenizer = embedded_tokenizers()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM,
+        num_layers=shape.double_layers,
+        num_single_layers=shape.single_layers,
+        attention_head_dim=shape.hidden // shape.heads,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=shape.text_dim,
+        pooled_projection_dim=shape.text_dim,
         guidance_embeds=True,
-        axes_dims_rope=(4, 4, 8),
+        axes_dims_rope=shape.rope,
     )
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
-            hidden_size=TEXT_DIM,
-            intermediate_size=64,
-            num_hidden_layers=1,
+            hidden_size=shape.text_dim,
+            intermediate_size=2 * shape.text_dim,
+            num_hidden_layers=shape.text_layers,
             num_attention_heads=2,
             max_position_embeddings=77,
-            projection_dim=TEXT_DIM,
+            projection_dim=shape.text_dim,
             bos_token_id=clip_tokenizer.bos_token_id,
             eos_token_id=clip_tokenizer.eos_token_id,
             pad_token_id=clip_tokenizer.pad_token_id,
@@ -163,17 +229,17 @@ def build_embedded_pipeline() -> FluxPipeline:
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
+            d_model=shape.text_dim,
+            d_kv=shape.text_dim // 4,
+            d_ff=2 * shape.text_dim,
+            num_layers=shape.text_layers,
             num_heads=4,
             relative_attention_num_buckets=8,
             pad_token_id=t5_tokenizer.pad_token_id,
             eos_token_id=t5_tokenizer.eos_token_id,
         )
     )
-    vae = flux_vae(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+    vae = flux_vae(shape.vae_channels, layers_per_block=1, norm_num_groups=shape.vae_groups)
     return FluxPipeline(
         scheduler=flux_scheduler(),
         vae=vae,
@@ -186,22 +252,25 @@ def build_embedded_pipeline() -> FluxPipeline:
 
 
 def ensure_embedded_model(cache_dir: Path, *, kontext: bool = False) -> Path:
-    """Return the folder of the embedded model, building it once if it is not cached yet.
+    """The folder of the embedded model: the shipped one, or its Kontext twin.
 
-    With `kontext`, the same components are saved as a `FluxKontextPipeline` (a Kontext
-    model is FLUX's components under another pipeline class), so that reference editing
-    runs offline too. The folder appears atomically (built in a temporary folder, then
-    renamed), so that two processes starting together never load a half-written model.
+    A Kontext model is FLUX's components under another pipeline class, so the twin is the
+    same weights with another `model_index.json`, made once in the cache folder. It appears
+    atomically (made in a temporary folder, then renamed), so that two processes starting
+    together never load a half-written model.
     """
-    name = "embedded-flux-kontext" if kontext else "embedded-flux"
-    target = cache_dir / f"{name}-v{EMBEDDED_VERSION}"
+    if not kontext:
+        return MODEL_DIR
+    target = cache_dir / f"embedded-flux-kontext-v{EMBEDDED_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".embedded-", dir=cache_dir))
     try:
-        pipe = build_embedded_pipeline()
-        (FluxKontextPipeline.from_pipe(pipe) if kontext else pipe).save_pretrained(staging)
+        shutil.copytree(MODEL_DIR, staging, dirs_exist_ok=True)
+        index = json.loads((MODEL_DIR / "model_index.json").read_text())
+        index["_class_name"] = "FluxKontextPipeline"
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         try:
             staging.rename(target)
         except OSError:

@@ -1,0 +1,122 @@
+"""Check a generated picture against the one-object scene its caption describes.
+
+The embedded model's promise is that it follows prompts from its grammar; this is how the
+tests and `bench/prompt_following.py` measure that, from pixels alone. The background is
+the nearest of the world's backgrounds to the picture's top and bottom rows; the object is
+every pixel far from its row's background colour; its colour is the nearest palette colour
+to their median, its position the side of the picture its centroid falls in, and its shape
+(circle, square or triangle) the one whose fill of its bounding box is nearest (π/4, 1, 1/2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.embedded.scenes import COLOURS, POSITIONS, SKIES, Scene
+
+FILL_RATIOS = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+# RGB distance (0-1 scale) from the row's background beyond which a pixel is the object's.
+_FOREGROUND = 0.3
+_MIN_OBJECT_SHARE = 0.002
+
+
+@dataclass(frozen=True)
+class Verdict:
+    background: bool
+    colour: bool
+    position: bool
+    # None where the shape has no fill-ratio test (star, house, tree).
+    shape: bool | None
+
+
+def _backgrounds() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    plain = {name: (np.array(rgb), np.array(rgb)) for name, rgb in COLOURS.items()}
+    skies = {name: (np.array(top), np.array(bottom)) for name, (_, top, bottom) in SKIES.items()}
+    return plain | skies
+
+
+def _nearest(colour: np.ndarray, palette: dict[str, np.ndarray]) -> str:
+    return min(palette, key=lambda name: float(np.linalg.norm(palette[name] - colour)))
+
+
+def _background(rows: np.ndarray) -> str:
+    """The background whose colours at the top and bottom tenth of the picture are nearest
+    to the row medians there (a plain colour has the same colour at both)."""
+    band = max(1, len(rows) // 10)
+    seen = np.concatenate([rows[:band].mean(axis=0), rows[-band:].mean(axis=0)])
+    candidates = {
+        name: np.concatenate([top + (bottom - top) * 0.05, top + (bottom - top) * 0.95])
+        for name, (top, bottom) in _backgrounds().items()
+    }
+    return _nearest(seen, candidates)
+
+
+def _position_right(centroid: tuple[float, float], position: str) -> bool:
+    x, y = centroid
+    want_x, want_y = POSITIONS[position]
+    checks = []
+    if want_x != 0.5:
+        checks.append((x < 0.5) == (want_x < 0.5))
+    if want_y != 0.5:
+        checks.append((y < 0.5) == (want_y < 0.5))
+    if not checks:  # center
+        checks.append(0.3 <= x <= 0.7 and 0.3 <= y <= 0.7)
+    return all(checks)
+
+
+def judge(image: Image.Image, scene: Scene) -> Verdict:
+    """How `image` fares against `scene`, which must have exactly one object."""
+    (item,) = scene.objects
+    pixels = np.asarray(image.convert("RGB"), np.float32) / 255
+    rows = np.median(pixels, axis=1)
+    background = _background(rows)
+    distance = np.linalg.norm(pixels - rows[:, None, :], axis=-1)
+    mask = distance > _FOREGROUND
+    if mask.mean() < _MIN_OBJECT_SHARE:
+        missing = False if item.shape in FILL_RATIOS else None
+        return Verdict(background == scene.background, False, False, missing)
+    colour = _nearest(np.median(pixels[mask], axis=0), {k: np.array(v) for k, v in COLOURS.items()})
+    ys, xs = np.nonzero(mask)
+    height, width = mask.shape
+    centroid = (float(xs.mean() + 0.5) / width, float(ys.mean() + 0.5) / height)
+    shape = None
+    if item.shape in FILL_RATIOS:
+        fill = mask.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+        shape = min(FILL_RATIOS, key=lambda name: abs(FILL_RATIOS[name] - fill)) == item.shape
+    return Verdict(
+        background=background == scene.background,
+        colour=colour == item.colour,
+        position=_position_right(centroid, item.position),
+        shape=shape,
+    )
+
+
+@dataclass(frozen=True)
+class Rates:
+    count: int
+    background: float
+    colour: float
+    position: float
+    shape: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.count} images: background {self.background:.0%}, colour {self.colour:.0%}, "
+            f"position {self.position:.0%}, shape {self.shape:.0%}"
+        )
+
+
+def rates(verdicts: Iterable[Verdict]) -> Rates:
+    listed = list(verdicts)
+    shaped = [v.shape for v in listed if v.shape is not None]
+    return Rates(
+        count=len(listed),
+        background=float(np.mean([v.background for v in listed])),
+        colour=float(np.mean([v.colour for v in listed])),
+        position=float(np.mean([v.position for v in listed])),
+        shape=float(np.mean(shaped)) if shaped else float("nan"),
+    )

@@ -1,0 +1,533 @@
+"""Train the embedded model on the scene world, on a CPU, and write it as a diffusers folder.
+
+    python -m pipeline.embedded.train [--work .train] [--out pipeline/embedded]
+
+Four phases, each resumable from the work folder (a phase that finished is skipped; the
+long one restarts from its last checkpoint, with the same data it would have seen):
+1. the VAE learns to reconstruct scenes (FLUX's shape: 16 channels, 8x down);
+2. the transformer and both text encoders learn rectified flow together, FLUX's way
+   (x_t = (1 - s) x0 + s noise, the model predicts noise - x0, s logit-normal and shifted
+   by the image's token count), with 10 % empty captions and object pixels weighted up;
+3. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
+   what classifier-free guidance at scale g gives the teacher in two, with g in its
+   guidance embedding, so `guidance_scale` means what it means for [dev];
+4. a TAEF1-style tiny decoder learns the VAE's decode, for cheap previews.
+Every step's data comes from a seed fixed by the step's number. `--tiny` trains a toy for
+a few steps (the test suite runs it so that this script cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from safetensors.torch import load_file, save_file
+
+from pipeline.embedded import (
+    MAX_SEQUENCE_LENGTH,
+    TINY_SHAPE,
+    EmbeddedShape,
+    build_embedded_pipeline,
+    scenes,
+    tiny_vae,
+)
+
+SEED = 20261129
+Buckets = tuple[tuple[int, int, int, float], ...]
+# Training sizes (width, height) with their batch sizes and odds: about 2,000 image tokens
+# a step. First the default 256x256 most often, smaller and larger ones so that positions
+# and scale carry over to every shape the server is asked for: the model learns to draw.
+BUCKETS: Buckets = (
+    (256, 256, 8, 0.30),
+    (192, 192, 14, 0.12),
+    (128, 128, 32, 0.10),
+    (256, 192, 11, 0.08),
+    (192, 256, 11, 0.08),
+    (320, 192, 9, 0.06),
+    (192, 320, 9, 0.06),
+    (384, 256, 5, 0.06),
+    (256, 384, 5, 0.06),
+    (384, 384, 4, 0.08),
+)
+# Then mostly small pictures, four times the captions a step for the same cost: what the
+# words mean is learned per caption, not per pixel (at 1,400 steps of the first mix the
+# backgrounds and blobs were right, the colours they were asked for mostly not).
+CAPTION_BUCKETS: Buckets = (
+    (128, 128, 32, 0.30),
+    (192, 128, 22, 0.08),
+    (128, 192, 22, 0.08),
+    (192, 192, 14, 0.14),
+    (256, 256, 8, 0.22),
+    (256, 192, 11, 0.06),
+    (192, 256, 11, 0.06),
+    (384, 256, 5, 0.03),
+    (256, 384, 5, 0.03),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps of each phase; the shipped model's plan takes about an hour on two cores."""
+
+    shape: EmbeddedShape = field(default_factory=EmbeddedShape)
+    vae_steps: int = 3000
+    flow_steps: int = 3600
+    distill_steps: int = 400
+    tiny_steps: int = 600
+    buckets: Buckets = BUCKETS
+    caption_buckets: Buckets = CAPTION_BUCKETS
+    # The flow step from which batches come from `caption_buckets` (distillation uses them).
+    captions_from: int = 1600
+    checkpoint_every: int = 200
+    lr: float = 6e-4
+
+
+TINY_PLAN = Plan(
+    shape=TINY_SHAPE,
+    vae_steps=3,
+    flow_steps=4,
+    distill_steps=2,
+    tiny_steps=2,
+    buckets=((64, 64, 2, 0.5), (64, 32, 2, 0.5)),
+    caption_buckets=((32, 32, 4, 1.0),),
+    captions_from=2,
+    checkpoint_every=2,
+)
+
+
+def log(phase: str, step: int, total: int, **values: float) -> None:
+    shown = " ".join(f"{name} {value:.4f}" for name, value in values.items())
+    print(f"[{time.strftime('%H:%M:%S')}] {phase} {step}/{total} {shown}", flush=True)
+
+
+def step_rng(phase: str, step: int) -> random.Random:
+    return random.Random(f"{SEED}-{phase}-{step}")
+
+
+def scene_batch(
+    rng: random.Random, width: int, height: int, count: int
+) -> tuple[list[scenes.Scene], torch.Tensor]:
+    """`count` scenes and their pictures in [-1, 1], (count, 3, height, width)."""
+    drawn = [scenes.random_scene(rng) for _ in range(count)]
+    pixels = np.stack([scenes.render(scene, width, height) for scene in drawn])
+    return drawn, torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
+
+
+def training_caption(rng: random.Random, scene: scenes.Scene) -> str:
+    """Captions as people write them: 10 % empty (for guidance), some without sizes or
+    positions (the picture still has them: such a caption allows any)."""
+    if rng.random() < 0.1:
+        return ""
+    return scenes.caption(scene, sizes=rng.random() > 0.25, positions=rng.random() > 0.15)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Checkpoints:
+    """A phase's state in the work folder: `done` marks a finished phase."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+
+    def done(self, phase: str) -> bool:
+        return (self.work / f"{phase}.done").is_file()
+
+    def finish(self, phase: str) -> None:
+        (self.work / f"{phase}.done").touch()
+
+    def save(self, phase: str, step: int, state: dict[str, Any]) -> None:
+        staging = self.work / f"{phase}.pt.tmp"
+        torch.save({"step": step, **state}, staging)
+        staging.replace(self.work / f"{phase}.pt")
+
+    def load(self, phase: str) -> dict[str, Any] | None:
+        path = self.work / f"{phase}.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    def final(self, phase: str) -> dict[str, Any]:
+        """The state a finished phase saved last."""
+        state = self.load(phase)
+        if state is None:
+            raise FileNotFoundError(f"{phase} is marked done but has no checkpoint")
+        return state
+
+
+def resumed(
+    checkpoints: Checkpoints,
+    phase: str,
+    modules: dict[str, torch.nn.Module],
+    opt: torch.optim.Optimizer,
+) -> int:
+    """Load the phase's last checkpoint into `modules` and `opt`; the step to go on from."""
+    state = checkpoints.load(phase)
+    if state is None:
+        return 0
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    opt.load_state_dict(state["optimizer"])
+    print(f"resuming {phase} at step {state['step']}", flush=True)
+    return int(state["step"])
+
+
+def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
+    """Reconstruction (L1, plus a little MSE) with a small KL term, on 64-160 px scenes."""
+    if checkpoints.done("vae"):
+        vae.load_state_dict(checkpoints.final("vae")["vae"])
+        return
+    # Start the posterior nearly deterministic (log-variance -8): at 0, its noise hides
+    # most of what the encoder says and the reconstruction learns far more slowly.
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels :] = -8.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start = resumed(checkpoints, "vae", {"vae": vae}, opt)
+    vae.train()
+    for step in range(start, plan.vae_steps):
+        rng = step_rng("vae", step)
+        side = rng.choice((64, 96, 128))
+        _, images = scene_batch(rng, side, rng.choice((side, 96)), 8)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, plan.vae_steps, 1e-3)
+        posterior = vae.encode(images).latent_dist
+        decoded = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(step))).sample
+        l1 = (decoded - images).abs().mean()
+        mse = ((decoded - images) ** 2).mean()
+        kl = posterior.kl().mean() / images[0].numel()
+        loss = l1 + mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == plan.vae_steps - 1:
+            log(
+                "vae",
+                step,
+                plan.vae_steps,
+                l1=l1.item(),
+                psnr=-10 * math.log10(mse.item() / 4),
+                kl=kl.item(),
+            )
+        if (step + 1) % plan.checkpoint_every == 0:
+            checkpoints.save(
+                "vae", step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict()}
+            )
+    checkpoints.save(
+        "vae", plan.vae_steps, {"vae": vae.state_dict(), "optimizer": opt.state_dict()}
+    )
+    checkpoints.finish("vae")
+
+
+@torch.no_grad()
+def fit_latent_scale(vae: AutoencoderKL) -> None:
+    """Set the VAE's shift and scaling factors so that the transformer sees latents of mean
+    0 and variance 1, as FLUX's factors do for its VAE."""
+    vae.eval()
+    _, images = scene_batch(step_rng("scale", 0), 128, 128, 64)
+    latents = vae.encode(images).latent_dist.mean
+    shift, std = latents.mean().item(), latents.std().item()
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1 / std, 4))
+    print(f"latent shift {shift:.4f}, scale {1 / std:.4f}", flush=True)
+
+
+class FlowBatch:
+    """One training batch in the transformer's own terms, as `FluxPipeline` builds them."""
+
+    def __init__(
+        self, pipe: FluxPipeline, rng: random.Random, width: int, height: int, count: int, step: int
+    ) -> None:
+        drawn, images = scene_batch(rng, width, height, count)
+        self.scenes = drawn
+        self.captions = [training_caption(rng, scene) for scene in drawn]
+        vae = pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(
+                generator=torch.Generator().manual_seed(step)
+            )
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        channels, h, w = latents.shape[1:]
+        self.clean = pipe._pack_latents(latents, count, channels, h, w)
+        self.img_ids = pipe._prepare_latent_image_ids(count, h // 2, w // 2, "cpu", torch.float32)
+        self.weights = self._object_weights(drawn, width, height)
+        generator = torch.Generator().manual_seed(SEED + step)
+        self.noise = torch.randn(self.clean.shape, generator=generator)
+        mu = calculate_shift(self.clean.shape[1], 256, 4096, 0.5, 1.15)
+        logits = torch.randn(count, generator=generator)
+        sigma = torch.sigmoid(logits)
+        self.sigma = math.exp(mu) * sigma / (1 + (math.exp(mu) - 1) * sigma)
+        s = self.sigma[:, None, None]
+        self.noisy = (1 - s) * self.clean + s * self.noise
+        self.target = self.noise - self.clean
+
+    @staticmethod
+    def _object_weights(drawn: list[scenes.Scene], width: int, height: int) -> torch.Tensor:
+        """Per-token loss weights: flat backgrounds would dominate the loss, so the tokens
+        an object covers count up to four times more."""
+        masks = []
+        for scene in drawn:
+            cover = np.zeros((height, width), np.float32)
+            for item in scene.objects:
+                cover = np.maximum(cover, scenes.object_mask(item, width, height))
+            masks.append(cover)
+        pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack(masks))[:, None], 16)
+        return 1 + 3 * pooled.flatten(1).clamp(0, 1)
+
+
+def encode_text(pipe: FluxPipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled CLIP and T5 sequence embeddings exactly as the pipeline makes them."""
+    pooled = pipe._get_clip_prompt_embeds(captions, device="cpu")
+    sequence = pipe._get_t5_prompt_embeds(
+        captions, max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu"
+    )
+    return pooled, sequence
+
+
+def predict(
+    transformer: torch.nn.Module,
+    batch: FlowBatch,
+    pooled: torch.Tensor,
+    sequence: torch.Tensor,
+    guidance: torch.Tensor,
+) -> torch.Tensor:
+    return transformer(
+        hidden_states=batch.noisy,
+        timestep=batch.sigma,
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=sequence,
+        txt_ids=torch.zeros(sequence.shape[1], 3),
+        img_ids=batch.img_ids,
+        return_dict=False,
+    )[0]
+
+
+def weighted_mse(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
+    per_token = ((prediction - batch.target) ** 2).mean(dim=-1)
+    return (per_token * batch.weights).sum() / batch.weights.sum()
+
+
+def batches(
+    pipe: FluxPipeline, plan: Plan, phase: str, start: int, total: int
+) -> Iterator[tuple[int, FlowBatch]]:
+    for step in range(start, total):
+        rng = step_rng(phase, step)
+        early = phase == "flow" and step < plan.captions_from
+        buckets = plan.buckets if early else plan.caption_buckets
+        sizes, odds = [(w, h, n) for w, h, n, _ in buckets], [p for *_, p in buckets]
+        width, height, count = rng.choices(sizes, odds)[0]
+        yield step, FlowBatch(pipe, rng, width, height, count, step)
+
+
+class Ema:
+    """An exponential moving average of weights: what ships, steadier than the last step."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for key, value in module.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].lerp_(value, 1 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+
+def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
+    """Transformer and text encoders together, from scratch; the EMA weights are kept."""
+    trio = {
+        "transformer": pipe.transformer,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
+    if checkpoints.done("flow"):
+        state = checkpoints.final("flow")
+        for name, module in trio.items():
+            module.load_state_dict(state[f"ema_{name}"])
+        return
+    parameters = [p for module in trio.values() for p in module.parameters()]
+    opt = torch.optim.AdamW(parameters, lr=plan.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    emas = {name: Ema(module, 0.998) for name, module in trio.items()}
+    start = resumed(checkpoints, "flow", trio, opt)
+    if start:
+        state = checkpoints.final("flow")
+        for name, ema in emas.items():
+            ema.shadow = state[f"ema_{name}"]
+    for module in trio.values():
+        module.train()
+    running = 0.0
+    for step, batch in batches(pipe, plan, "flow", start, plan.flow_steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, plan.flow_steps, plan.lr)
+        pooled, sequence = encode_text(pipe, batch.captions)
+        guidance = torch.ones(len(batch.captions))
+        loss = weighted_mse(predict(pipe.transformer, batch, pooled, sequence, guidance), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        opt.step()
+        for name, ema in emas.items():
+            ema.update(trio[name])
+        running = loss.item() if step == start else 0.98 * running + 0.02 * loss.item()
+        if step % 25 == 0 or step == plan.flow_steps - 1:
+            log("flow", step, plan.flow_steps, loss=loss.item(), smooth=running)
+        if (step + 1) % plan.checkpoint_every == 0 or step == plan.flow_steps - 1:
+            state = {name: module.state_dict() for name, module in trio.items()}
+            state |= {f"ema_{name}": ema.shadow for name, ema in emas.items()}
+            checkpoints.save("flow", step + 1, {**state, "optimizer": opt.state_dict()})
+    for name, module in trio.items():
+        module.load_state_dict(emas[name].shadow)
+    checkpoints.finish("flow")
+
+
+def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
+    """The student's velocity at guidance g learns the teacher's uncond + g (cond - uncond)."""
+    if checkpoints.done("distill"):
+        pipe.transformer.load_state_dict(checkpoints.final("distill")["transformer"])
+        return
+    teacher = copy.deepcopy(pipe.transformer).eval().requires_grad_(False)
+    student = pipe.transformer
+    opt = torch.optim.AdamW(student.parameters(), lr=plan.lr / 4, weight_decay=0.0)
+    start = resumed(checkpoints, "distill", {"transformer": student}, opt)
+    pipe.text_encoder.eval()
+    pipe.text_encoder_2.eval()
+    student.train()
+    for step, batch in batches(pipe, plan, "distill", start, plan.distill_steps):
+        rng = step_rng("distill-scale", step)
+        with torch.no_grad():
+            # The student learns guidance for real captions; the empty one is the teacher's
+            # unconditional branch.
+            captions = [
+                c or scenes.caption(s) for c, s in zip(batch.captions, batch.scenes, strict=True)
+            ]
+            pooled, sequence = encode_text(pipe, captions)
+            empty_pooled, empty_sequence = encode_text(pipe, [""] * len(captions))
+            ones = torch.ones(len(captions))
+            cond = predict(teacher, batch, pooled, sequence, ones)
+            uncond = predict(teacher, batch, empty_pooled, empty_sequence, ones)
+            scale = torch.tensor([rng.uniform(1.0, 6.0) for _ in captions])
+            batch.target = uncond + scale[:, None, None] * (cond - uncond)
+        loss = weighted_mse(predict(student, batch, pooled, sequence, scale), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == plan.distill_steps - 1:
+            log("distill", step, plan.distill_steps, loss=loss.item())
+        if (step + 1) % plan.checkpoint_every == 0 or step == plan.distill_steps - 1:
+            checkpoints.save(
+                "distill",
+                step + 1,
+                {"transformer": student.state_dict(), "optimizer": opt.state_dict()},
+            )
+    checkpoints.finish("distill")
+
+
+def train_tiny_decoder(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> AutoencoderTiny:
+    """The tiny decoder reads scaled latents and learns the VAE's decode of them (its
+    encoder is distilled too, so that the folder is a whole AutoencoderTiny)."""
+    tiny = tiny_vae(plan.shape.tiny_channels)
+    if checkpoints.done("tiny"):
+        tiny.load_state_dict(checkpoints.final("tiny")["tiny"])
+        return tiny
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3, weight_decay=0.0)
+    start = resumed(checkpoints, "tiny", {"tiny": tiny}, opt)
+    vae = pipe.vae.eval()
+    config = vae.config
+    for step in range(start, plan.tiny_steps):
+        rng = step_rng("tiny", step)
+        side = rng.choice((64, 128, 192))
+        _, images = scene_batch(rng, side, side, 8)
+        with torch.no_grad():
+            raw = vae.encode(images).latent_dist.mean
+            scaled = (raw - config.shift_factor) * config.scaling_factor
+            # Half the latents are noised as the denoiser's x0 estimates are, early on.
+            blur = torch.rand(len(scaled), 1, 1, 1) * (torch.rand(len(scaled), 1, 1, 1) < 0.5)
+            scaled = (1 - blur) * scaled + blur * torch.randn(scaled.shape) * 0.5
+            target = vae.decode(scaled / config.scaling_factor + config.shift_factor).sample
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, plan.tiny_steps, 1e-3, warmup=20)
+        decoded = tiny.decode(scaled).sample
+        encoded = tiny.encode(images).latents
+        loss = (decoded - target).abs().mean() + ((encoded - scaled.clamp(-3, 3)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == plan.tiny_steps - 1:
+            log("tiny", step, plan.tiny_steps, loss=loss.item())
+    checkpoints.save(
+        "tiny", plan.tiny_steps, {"tiny": tiny.state_dict(), "optimizer": opt.state_dict()}
+    )
+    checkpoints.finish("tiny")
+    return tiny
+
+
+def save_half(module: Any, folder: Path) -> None:
+    """`save_pretrained`, with the weights stored in float16 to halve the repository's
+    copy; they load back in whatever dtype the server runs."""
+    module.save_pretrained(folder)
+    for weights in folder.glob("*.safetensors"):
+        tensors = load_file(weights)
+        save_file(
+            {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, weights
+        )
+
+
+def write_model(pipe: FluxPipeline, tiny: AutoencoderTiny, out: Path) -> None:
+    model, tiny_dir = out / "model", out / "tiny_vae"
+    for folder in (model, tiny_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(model)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        save_half(getattr(pipe, name), model / name)
+    save_half(tiny, tiny_dir)
+    print(f"wrote {model} and {tiny_dir}", flush=True)
+
+
+def train(plan: Plan, work: Path, out: Path) -> None:
+    torch.manual_seed(SEED)
+    torch.set_flush_denormal(True)
+    checkpoints = Checkpoints(work)
+    pipe = build_embedded_pipeline(plan.shape)
+    train_vae(pipe.vae, plan, checkpoints)
+    fit_latent_scale(pipe.vae)
+    pipe.vae.requires_grad_(False).eval()
+    train_flow(pipe, plan, checkpoints)
+    train_distilled_guidance(pipe, plan, checkpoints)
+    tiny = train_tiny_decoder(pipe, plan, checkpoints)
+    write_model(pipe, tiny, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path(".train"), help="checkpoints (resumable)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent, help="writes model/ and tiny_vae/ here"
+    )
+    parser.add_argument("--tiny", action="store_true", help="a toy model in a few steps (tests)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    train(TINY_PLAN if args.tiny else Plan(), args.work, args.out)
+    print(f"trained in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
