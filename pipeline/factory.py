@@ -35,6 +35,13 @@ def tiny_vae_folder(spec: ModelSpec) -> Path | None:
     return TINY_VAE_DIR if spec.model in EMBEDDED_MODELS else None
 
 
+def auto_preview(spec: ModelSpec) -> str:
+    """`tiny` where a tiny VAE was given at start-up (TAEF1 decodes in a few ms next to a
+    FLUX step of 100+), else `linear`. The embedded model's own tiny decoder is offered
+    but not the default: next to its 17 ms steps it costs more than a step (bench.previews)."""
+    return "tiny" if spec.tiny_vae is not None else "linear"
+
+
 def preview_decoders(
     pipe: FluxPipeline, spec: ModelSpec, linear: LinearPreviewDecoder
 ) -> dict[str, PreviewDecoder]:
@@ -69,7 +76,9 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     runner = FluxRunner(
         pipe,
         dataclasses.replace(
-            model_profile(spec.model, pipe, applied), preview_decoders=tuple(decoders)
+            model_profile(spec.model, pipe, applied),
+            preview_decoders=tuple(decoders),
+            auto_preview=auto_preview(spec),
         ),
         decoders,
         thresholds=EMBEDDED_THRESHOLDS if spec.model in EMBEDDED_MODELS else FLUX_THRESHOLDS,

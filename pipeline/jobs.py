@@ -180,6 +180,8 @@ class ModelProfile:
     speedups: tuple[str, ...] = ()
     safety_checker: bool = False
     preview_decoders: tuple[str, ...] = ("linear", "vae")
+    # What `preview: auto` means: a tiny VAE given at start-up, else the linear map.
+    auto_preview: str = "linear"
     max_input_images: int = 1
     # What a request that names no size gets (FLUX's 1K square; the embedded model's 256).
     default_size: tuple[int, int] = (1024, 1024)

@@ -287,11 +287,11 @@ def preview_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def _preview_decoder(preview: str | None, settings: Settings, profile: ModelProfile) -> str:
-    """The request's decoder, else the server's; `auto` is the tiny VAE where one was
-    given (near the real decode, a few ms), else the fitted linear map (about free)."""
+    """The request's decoder, else the server's; `auto` is the model's choice (see
+    `ModelProfile.auto_preview`)."""
     decoder = settings.preview_decoder if preview is None else preview
     if decoder == "auto":
-        decoder = "tiny" if "tiny" in profile.preview_decoders else "linear"
+        decoder = profile.auto_preview
     if decoder not in profile.preview_decoders:
         choices = ", ".join(profile.preview_decoders)
         raise InvalidRequest(f"preview must be one of {choices}; got {decoder!r}", param="preview")

@@ -225,12 +225,18 @@ def test_preview_decoder_comes_from_the_request_or_the_server_default(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("decoders", "expected"), [(("linear", "vae"), "linear"), (("linear", "vae", "tiny"), "tiny")]
+    ("decoders", "auto", "expected"),
+    [
+        (("linear", "vae"), "linear", "linear"),
+        (("linear", "vae", "tiny"), "tiny", "tiny"),
+        (("linear", "vae", "tiny"), "linear", "linear"),  # the embedded model's own tiny
+    ],
 )
-def test_default_previews_use_the_tiny_vae_where_one_was_given(
-    tmp_path: Path, decoders: tuple[str, ...], expected: str
+def test_default_previews_use_the_model_s_auto_decoder(
+    tmp_path: Path, decoders: tuple[str, ...], auto: str, expected: str
 ) -> None:
-    engine = FakeEngine(profile=dataclasses.replace(PROFILE, preview_decoders=decoders))
+    profile = dataclasses.replace(PROFILE, preview_decoders=decoders, auto_preview=auto)
+    engine = FakeEngine(profile=profile)
     with live_server(create_app(make_settings(tmp_path), engine)) as url:
         body = {"prompt": "x", "stream": True, "partial_images": 1}
         assert post(url, body).status_code == 200
