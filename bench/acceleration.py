@@ -49,7 +49,7 @@ def main() -> None:
 
     def job(level: Acceleration) -> Job:
         return Job(
-            prompt="a lighthouse at dusk",
+            prompt=next(iter(runner.profile.example_prompts), "a lighthouse at dusk"),
             width=args.size,
             height=args.size,
             seeds=(0,),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffusers import FluxPipeline
 
-from pipeline.acceleration import EMBEDDED_THRESHOLDS, FLUX_THRESHOLDS, runs_compiled
+from pipeline.acceleration import runs_compiled
 from pipeline.embedded import TINY_VAE_DIR
 from pipeline.engine import ThreadedEngine
 from pipeline.jobs import Job, ModelProfile
@@ -81,7 +81,6 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
             auto_preview=auto_preview(spec),
         ),
         decoders,
-        thresholds=EMBEDDED_THRESHOLDS if spec.model in EMBEDDED_MODELS else FLUX_THRESHOLDS,
         kontext=is_kontext_model(spec),
     )
     return runner if checker is None else runner.with_safety_checker(checker)

@@ -365,8 +365,7 @@ def test_acceleration_cache_skips_transformer_work_in_edits(
     server: str, request: pytest.FixtureRequest
 ) -> None:
     """The edit pipelines open no cache context themselves; without the runner's, the
-    first-block cache would fail the job (or, skipping nothing, change nothing). Both
-    embedded models need the embedded thresholds to skip anything at all."""
+    first-block cache would fail the job (or, skipping nothing, change nothing)."""
     url = request.getfixturevalue(server)
 
     def output(acceleration: str) -> np.ndarray:
