@@ -37,6 +37,8 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="fluxstream-bench-"))
     runner = create_flux_runner(ModelSpec(model=args.model, cache_dir=scratch / "cache"))
     pipe = runner.pipe
+    # The server passes the model's T5 length (32 on the embedded model); so does the bare call.
+    t5_length = runner.profile.max_sequence_length or 512
 
     def bare() -> float:
         started = time.perf_counter()
@@ -45,6 +47,7 @@ def main() -> None:
             width=args.size,
             height=args.size,
             num_inference_steps=args.steps,
+            max_sequence_length=t5_length,
             generator=torch.Generator().manual_seed(0),
         )
         return time.perf_counter() - started
