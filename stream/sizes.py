@@ -139,7 +139,9 @@ def resolve_size(
         shape = parse_aspect_ratio(request.aspect_ratio, "aspect_ratio")
     else:
         shape = nearest_shape(like[0] / like[1]) if like else (1, 1)
-    return _tiered(shape, request, max_pixels, like)
+    # A shape without a tier gets the pixel count of the model's default size.
+    default_tier = math.sqrt(_pixels(default) / _pixels(DEFAULT_SIZE))
+    return _tiered(shape, request, max_pixels, like, default_tier)
 
 
 def _tiered(
@@ -147,6 +149,7 @@ def _tiered(
     request: SizeRequest,
     max_pixels: int,
     like: tuple[int, int] | None = None,
+    default_tier: float = 1.0,
 ) -> tuple[int, int]:
     if request.resolution is not None:
         tier = parse_tier(request.resolution, "resolution")
@@ -155,7 +158,7 @@ def _tiered(
     elif like is not None:
         tier = nearest_tier(math.sqrt(_pixels(like) / _pixels(SIZES_1K[shape])))
     else:
-        tier = TIERS["1K"]
+        tier = default_tier
     fitting = [t for t in TIERS.values() if t <= tier and _pixels(scaled(shape, t)) <= max_pixels]
     return scaled(shape, max(fitting)) if fitting else _fit_budget(scaled(shape, tier), max_pixels)
 

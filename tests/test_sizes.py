@@ -167,3 +167,18 @@ def test_the_warm_up_runs_at_the_size_a_request_without_one_gets(
     max_pixels: int, expected: tuple[int, int]
 ) -> None:
     assert default_generation_size(max_pixels) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (SizeRequest(), (256, 256)),
+        (SizeRequest(aspect_ratio="16:9"), (341, 192)),
+        (SizeRequest(aspect_ratio="16:9", resolution="1K"), (1365, 768)),
+    ],
+)
+def test_a_model_s_default_size_sets_the_tier_a_request_leaves_unsaid(
+    request_: SizeRequest, expected: tuple[int, int]
+) -> None:
+    """The embedded model draws at 256 px: a shape without a tier gets its pixel count."""
+    assert resolve_size(request_, 2048 * 2048, default=(256, 256)) == expected

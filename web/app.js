@@ -347,10 +347,11 @@ function requestBody(settings) {
   const body = {
     prompt: settings.prompt,
     aspect_ratio: settings.aspect,
-    resolution: settings.resolution,
     partial_images: partialImages,
     response_format: "url",
   };
+  // Without a tier the server draws at the model's own size (256 px on the embedded model).
+  if (settings.resolution) body.resolution = settings.resolution;
   if (settings.steps > 0) body.num_inference_steps = settings.steps;
   if (settings.seed !== "") body.seed = Number(settings.seed);
   return body;
