@@ -27,7 +27,6 @@ from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline
 from openai import OpenAI
@@ -42,15 +41,10 @@ from stream.app import create_app
 from stream.params import preview_size
 from stream.settings import Settings
 from tests.conftest import sdk_client
-from tests.images import decode_b64
+from tests.images import decode_b64, psnr
 from tests.servers import live_server
 
 GENERIC_PROMPT = "a lighthouse at dusk"
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if error == 0 else float(10 * np.log10(255**2 / error))
 
 
 def timed_s(action: Callable[[], object]) -> float:

@@ -48,6 +48,12 @@ def decode_b64(b64: str) -> Image.Image:
     return image
 
 
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit pictures, in dB (infinite when equal)."""
+    error = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if error == 0 else float(10 * np.log10(255**2 / error))
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 

@@ -23,7 +23,7 @@ from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
 from stream.app import create_app
 from tests.conftest import make_settings, sdk_client
-from tests.images import decode_b64, pixels
+from tests.images import decode_b64, pixels, psnr
 from tests.servers import live_server
 
 # Captions drawn from the grammar once, with their seeds: a fixed, varied set.
@@ -47,11 +47,6 @@ def generate(server: str, prompt: str, seed: int, **extra: object) -> Image.Imag
     )
     assert result.data is not None and result.data[0].b64_json is not None
     return decode_b64(result.data[0].b64_json)
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    error = np.mean((pixels(a).astype(np.float64) - pixels(b)) ** 2)
-    return float(10 * np.log10(255**2 / max(error, 1e-9)))
 
 
 def test_the_judge_passes_every_rendered_scene_and_few_noise_images() -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
-from PIL import Image
 
 from pipeline import preview_cache
 from pipeline.factory import create_flux_runner
@@ -24,6 +23,7 @@ from pipeline.previews import (
     sample_latents,
 )
 from pipeline.runner import FluxRunner
+from tests.images import psnr
 
 
 @pytest.mark.parametrize(
@@ -50,11 +50,6 @@ def test_previews_are_evenly_spread_distinct_and_never_on_the_last_step(
 @pytest.fixture(scope="module")
 def runner(model_cache: Path) -> FluxRunner:
     return create_flux_runner(ModelSpec(cache_dir=model_cache))
-
-
-def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
-    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float(10 * np.log10(255**2 / error))
 
 
 def run(runner: FluxRunner, **fields: object) -> tuple[list[Preview], Result]:

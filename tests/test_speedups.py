@@ -32,6 +32,7 @@ from pipeline.loading import (
 from pipeline.previews import AutoencoderPreviewDecoder, LinearPreviewDecoder
 from pipeline.runner import FluxRunner
 from pipeline.speedups import SpeedupError, Speedups, apply_speedups
+from tests.images import psnr
 
 
 def generate(spec: ModelSpec) -> np.ndarray:
@@ -44,11 +45,6 @@ def generate(spec: ModelSpec) -> np.ndarray:
         generator=torch.Generator().manual_seed(3),
     ).images[0]
     return np.asarray(image, dtype=np.float64)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.fixture(scope="module")
