@@ -85,29 +85,26 @@ def model_profile(model: str, pipe: FluxPipeline, speedups: tuple[str, ...] = ()
     The embedded model draws best at the size it was trained on, reads short captions, and
     knows only its scene world, so it says so."""
     name = model.lower()
-    parameters = frozenset(inspect.signature(pipe.__call__).parameters)
     if model in EMBEDDED_MODELS:
-        return ModelProfile(
-            model_id=model,
-            default_steps=8,
-            default_guidance=3.5,
-            pipeline_parameters=parameters,
-            speedups=speedups,
-            default_size=embedded.DEFAULT_SIZE,
-            max_sequence_length=t5_length(pipe),
-            example_prompts=embedded.scenes.EXAMPLE_PROMPTS,
-        )
-    if "schnell" in name or not pipe.transformer.config.guidance_embeds:
+        steps, guidance = 8, 3.5
+    elif "schnell" in name or not pipe.transformer.config.guidance_embeds:
         steps, guidance = 4, 0.0
     else:
         steps, guidance = 28, 3.5
-    return ModelProfile(
+    profile = ModelProfile(
         model_id=model,
         default_steps=steps,
         default_guidance=guidance,
-        pipeline_parameters=parameters,
+        pipeline_parameters=frozenset(inspect.signature(pipe.__call__).parameters),
         speedups=speedups,
         max_sequence_length=t5_length(pipe),
+    )
+    if model not in EMBEDDED_MODELS:
+        return profile
+    return dataclasses.replace(
+        profile,
+        default_size=embedded.DEFAULT_SIZE,
+        example_prompts=embedded.scenes.EXAMPLE_PROMPTS,
     )
 
 
