@@ -177,16 +177,17 @@ def resumed(
     phase: str,
     modules: dict[str, torch.nn.Module],
     opt: torch.optim.Optimizer,
-) -> int:
-    """Load the phase's last checkpoint into `modules` and `opt`; the step to go on from."""
+) -> tuple[int, dict[str, Any]]:
+    """Load the phase's last checkpoint into `modules` and `opt`; the step to go on from,
+    and the whole checkpoint (empty when starting afresh) for what else it holds."""
     state = checkpoints.load(phase)
     if state is None:
-        return 0
+        return 0, {}
     for name, module in modules.items():
         module.load_state_dict(state[name])
     opt.load_state_dict(state["optimizer"])
     print(f"resuming {phase} at step {state['step']}", flush=True)
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
@@ -199,7 +200,7 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
     with torch.no_grad():
         vae.encoder.conv_out.bias[vae.config.latent_channels :] = -8.0
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start = resumed(checkpoints, "vae", {"vae": vae}, opt)
+    start, _ = resumed(checkpoints, "vae", {"vae": vae}, opt)
     vae.train()
     for step in range(start, plan.vae_steps):
         rng = step_rng("vae", step)
@@ -366,9 +367,8 @@ def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
     parameters = [p for module in trio.values() for p in module.parameters()]
     opt = torch.optim.AdamW(parameters, lr=plan.lr, weight_decay=0.01, betas=(0.9, 0.99))
     emas = {name: Ema(module, 0.998) for name, module in trio.items()}
-    start = resumed(checkpoints, "flow", trio, opt)
+    start, state = resumed(checkpoints, "flow", trio, opt)
     if start:
-        state = checkpoints.final("flow")
         for name, ema in emas.items():
             ema.shadow = state[f"ema_{name}"]
     for module in trio.values():
@@ -406,7 +406,7 @@ def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkp
     teacher = copy.deepcopy(pipe.transformer).eval().requires_grad_(False)
     student = pipe.transformer
     opt = torch.optim.AdamW(student.parameters(), lr=plan.lr / 4, weight_decay=0.0)
-    start = resumed(checkpoints, "distill", {"transformer": student}, opt)
+    start, _ = resumed(checkpoints, "distill", {"transformer": student}, opt)
     pipe.text_encoder.eval()
     pipe.text_encoder_2.eval()
     student.train()
@@ -449,7 +449,7 @@ def train_tiny_decoder(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints)
         tiny.load_state_dict(checkpoints.final("tiny")["tiny"])
         return tiny
     opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3, weight_decay=0.0)
-    start = resumed(checkpoints, "tiny", {"tiny": tiny}, opt)
+    start, _ = resumed(checkpoints, "tiny", {"tiny": tiny}, opt)
     vae = pipe.vae.eval()
     config = vae.config
     for step in range(start, plan.tiny_steps):
