@@ -70,7 +70,8 @@ def test_a_request_without_a_size_gets_the_size_the_model_draws_best(server: str
 # The shipped model falls short of issue #15's bar; these checks flip to a failure (strict)
 # once a model that meets it is committed, so that its tests are tightened then.
 SHORT_OF_THE_BAR = pytest.mark.xfail(
-    strict=True, reason="issue #15: the shipped model draws backgrounds, not yet objects"
+    strict=True,
+    reason="issue #15: the shipped model draws backgrounds and colours, not yet shapes",
 )
 
 
@@ -81,10 +82,11 @@ def judged(server: str) -> Rates:
     )
 
 
-def test_pictures_get_the_background_their_caption_asks_for(server: str) -> None:
-    """What the shipped model does (chance is 1 in 12); `bench.prompt_following` measures
-    more captions and the other criteria."""
-    assert judged(server).background >= 0.5
+def test_pictures_get_the_background_and_colour_their_caption_asks_for(server: str) -> None:
+    """What the shipped model does (chance is 1 in 12 and 1 in 9; it scores 67 % and 46 %
+    on this set); `bench.prompt_following` measures more captions and the other criteria."""
+    measured = judged(server)
+    assert measured.background >= 0.6 and measured.colour >= 0.35, measured
 
 
 @SHORT_OF_THE_BAR
@@ -124,9 +126,14 @@ def test_vae_previews_converge_on_the_final_image(server: str) -> None:
     assert all(a < b for a, b in pairwise(quality)) and quality[-1] >= 25, quality
 
 
-def test_tiny_previews_are_close_to_the_final_image(server: str) -> None:
-    """The shipped tiny decoder is about 22 dB from the VAE whatever the step."""
-    assert min(preview_quality(server, "tiny")) >= 20
+def test_tiny_previews_converge_on_the_final_image(server: str) -> None:
+    quality = preview_quality(server, "tiny")
+    assert all(a < b for a, b in pairwise(quality)) and quality[0] >= 20, quality
+
+
+def test_linear_previews_do_not_drift_from_the_final_image(server: str) -> None:
+    quality = preview_quality(server, "linear")
+    assert quality[-1] >= quality[0] >= 15, quality
 
 
 @SHORT_OF_THE_BAR

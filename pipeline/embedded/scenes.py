@@ -36,7 +36,7 @@ SKIES: dict[str, tuple[str, tuple[float, float, float], tuple[float, float, floa
     "night": ("at night", (0.02, 0.02, 0.10), (0.08, 0.10, 0.28)),
 }
 SHAPES = ("circle", "square", "triangle", "star", "house", "tree")
-SIZES = {"small": 0.11, "large": 0.2}
+SIZES = {"small": 0.13, "large": 0.22}
 # Centre of each position as fractions of width and height.
 POSITIONS: dict[str, tuple[float, float]] = {
     "left": (0.25, 0.5),

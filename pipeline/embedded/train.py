@@ -2,16 +2,22 @@
 
     python -m pipeline.embedded.train [--work .train] [--out pipeline/embedded]
 
-Four phases, each resumable from the work folder (a phase that finished is skipped; the
+Five phases, each resumable from the work folder (a phase that finished is skipped; a
 long one restarts from its last checkpoint, with the same data it would have seen):
-1. the VAE learns to reconstruct scenes (FLUX's shape: 16 channels, 8x down);
-2. the transformer and both text encoders learn rectified flow together, FLUX's way
-   (x_t = (1 - s) x0 + s noise, the model predicts noise - x0, s logit-normal and shifted
-   by the image's token count), with 10 % empty captions and object pixels weighted up;
-3. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
+1. the VAE learns to reconstruct scenes (FLUX's shape: 16 channels, 8x down), with a
+   linear read-out of each latent pixel's colour so that `linear` previews can work;
+2. the text encoders learn the grammar: from CLIP's pooled output and from T5's tokens,
+   linear heads must tell every fact a caption states (background, and each object's
+   shape, colour, size and position). FLUX's encoders come pretrained and frozen; so do
+   ours after this phase (trained only through the image loss, CLIP's pooled vector
+   stayed the same for every caption and colours were never learned);
+3. the transformer learns rectified flow, FLUX's way (x_t = (1 - s) x0 + s noise, the
+   model predicts noise - x0, s logit-normal and shifted by the image's token count),
+   with 10 % empty captions and object pixels weighted up;
+4. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
    what classifier-free guidance at scale g gives the teacher in two, with g in its
    guidance embedding, so `guidance_scale` means what it means for [dev];
-4. a TAEF1-style tiny decoder learns the VAE's decode, for cheap previews.
+5. a TAEF1-style tiny decoder learns the VAE's decode, for cheap previews.
 Every step's data comes from a seed fixed by the step's number. `--tiny` trains a toy for
 a few steps (the test suite runs it so that this script cannot rot).
 """
@@ -27,7 +33,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +54,22 @@ from pipeline.embedded import (
 
 SEED = 20261129
 Buckets = tuple[tuple[int, int, int, float], ...]
-# Training sizes (width, height) with their batch sizes and odds: about 2,000 image tokens
-# a step. First the default 256x256 most often, smaller and larger ones so that positions
-# and scale carry over to every shape the server is asked for: the model learns to draw.
+# Training sizes (width, height) with their batch sizes and odds, about 2,000 image tokens a
+# step: the default 256x256 most often (prompt following is judged there), and smaller,
+# wider, taller and larger ones so that positions and scale carry over to every shape the
+# server is asked for, and 512x512 stays coherent (no token position goes unseen).
 BUCKETS: Buckets = (
-    (256, 256, 8, 0.30),
-    (192, 192, 14, 0.12),
-    (128, 128, 32, 0.10),
-    (256, 192, 11, 0.08),
-    (192, 256, 11, 0.08),
-    (320, 192, 9, 0.06),
-    (192, 320, 9, 0.06),
+    (256, 256, 8, 0.42),
+    (128, 128, 32, 0.08),
+    (192, 192, 14, 0.08),
+    (320, 192, 9, 0.05),
+    (192, 320, 9, 0.05),
     (384, 256, 5, 0.06),
     (256, 384, 5, 0.06),
     (384, 384, 4, 0.08),
-)
-# Then mostly small pictures, four times the captions a step for the same cost: what the
-# words mean is learned per caption, not per pixel (at 1,400 steps of the first mix the
-# backgrounds and blobs were right, the colours they were asked for mostly not).
-CAPTION_BUCKETS: Buckets = (
-    (128, 128, 32, 0.30),
-    (192, 128, 22, 0.08),
-    (128, 192, 22, 0.08),
-    (192, 192, 14, 0.14),
-    (256, 256, 8, 0.22),
-    (256, 192, 11, 0.06),
-    (192, 256, 11, 0.06),
-    (384, 256, 5, 0.03),
-    (256, 384, 5, 0.03),
+    (512, 512, 2, 0.06),
+    (512, 320, 3, 0.03),
+    (320, 512, 3, 0.03),
 )
 
 
@@ -84,14 +78,12 @@ class Plan:
     """Steps of each phase; the shipped model's plan takes about an hour on two cores."""
 
     shape: EmbeddedShape = field(default_factory=EmbeddedShape)
-    vae_steps: int = 3000
-    flow_steps: int = 3600
-    distill_steps: int = 400
+    vae_steps: int = 3500
+    text_steps: int = 400
+    flow_steps: int = 4200
+    distill_steps: int = 500
     tiny_steps: int = 600
     buckets: Buckets = BUCKETS
-    caption_buckets: Buckets = CAPTION_BUCKETS
-    # The flow step from which batches come from `caption_buckets` (distillation uses them).
-    captions_from: int = 1600
     checkpoint_every: int = 200
     lr: float = 6e-4
 
@@ -99,12 +91,11 @@ class Plan:
 TINY_PLAN = Plan(
     shape=TINY_SHAPE,
     vae_steps=3,
+    text_steps=2,
     flow_steps=4,
     distill_steps=2,
     tiny_steps=2,
     buckets=((64, 64, 2, 0.5), (64, 32, 2, 0.5)),
-    caption_buckets=((32, 32, 4, 1.0),),
-    captions_from=2,
     checkpoint_every=2,
 )
 
@@ -127,12 +118,58 @@ def scene_batch(
     return drawn, torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
 
 
-def training_caption(rng: random.Random, scene: scenes.Scene) -> str:
-    """Captions as people write them: 10 % empty (for guidance), some without sizes or
-    positions (the picture still has them: such a caption allows any)."""
-    if rng.random() < 0.1:
-        return ""
-    return scenes.caption(scene, sizes=rng.random() > 0.25, positions=rng.random() > 0.15)
+@dataclass(frozen=True)
+class Said:
+    """A training scene and how much of it its caption states: captions as people write
+    them, 10 % empty (for guidance), some without sizes or positions (the picture still
+    has them: such a caption allows any)."""
+
+    scene: scenes.Scene
+    empty: bool = False
+    sizes: bool = True
+    positions: bool = True
+
+    @classmethod
+    def draw(cls, rng: random.Random, scene: scenes.Scene) -> Said:
+        return cls(scene, rng.random() < 0.1, rng.random() > 0.25, rng.random() > 0.15)
+
+    @property
+    def caption(self) -> str:
+        if self.empty:
+            return ""
+        return scenes.caption(self.scene, sizes=self.sizes, positions=self.positions)
+
+    def labels(self) -> list[int]:
+        """One class per fact in `FACTS`; the last class of each is 'not said'."""
+        backgrounds = [*scenes.COLOURS, *scenes.SKIES]
+        facts = [len(backgrounds) if self.empty else backgrounds.index(self.scene.background)]
+        for slot in range(2):
+            item = self.scene.objects[slot] if slot < len(self.scene.objects) else None
+            if item is None or self.empty:
+                facts += [len(scenes.SHAPES), len(scenes.COLOURS), len(scenes.SIZES)]
+                facts.append(len(scenes.POSITIONS))
+                continue
+            facts += [scenes.SHAPES.index(item.shape), list(scenes.COLOURS).index(item.colour)]
+            facts.append(list(scenes.SIZES).index(item.size) if self.sizes else len(scenes.SIZES))
+            facts.append(
+                list(scenes.POSITIONS).index(item.position)
+                if self.positions
+                else len(scenes.POSITIONS)
+            )
+        return facts
+
+
+# How many classes each fact in `Said.labels` has, 'not said' included.
+FACTS = (
+    len(scenes.COLOURS) + len(scenes.SKIES) + 1,
+    *(
+        len(scenes.SHAPES) + 1,
+        len(scenes.COLOURS) + 1,
+        len(scenes.SIZES) + 1,
+        len(scenes.POSITIONS) + 1,
+    )
+    * 2,
+)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -191,7 +228,11 @@ def resumed(
 
 
 def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
-    """Reconstruction (L1, plus a little MSE) with a small KL term, on 64-160 px scenes."""
+    """Reconstruction (L1, plus a little MSE) with a small KL term, on 64-160 px scenes.
+
+    A 1x1 convolution must also read each latent pixel's mean colour off the latent: then
+    the latent holds its colour linearly, which is what a `linear` preview assumes (without
+    it, the fitted map gave previews 10 dB from the final image)."""
     if checkpoints.done("vae"):
         vae.load_state_dict(checkpoints.final("vae")["vae"])
         return
@@ -199,8 +240,11 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
     # most of what the encoder says and the reconstruction learns far more slowly.
     with torch.no_grad():
         vae.encoder.conv_out.bias[vae.config.latent_channels :] = -8.0
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start, _ = resumed(checkpoints, "vae", {"vae": vae}, opt)
+    readout = torch.nn.Conv2d(vae.config.latent_channels, 3, 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    parts = {"vae": vae, "readout": readout}
+    opt = torch.optim.AdamW([*vae.parameters(), *readout.parameters()], lr=1e-3, weight_decay=0)
+    start, _ = resumed(checkpoints, "vae", parts, opt)
     vae.train()
     for step in range(start, plan.vae_steps):
         rng = step_rng("vae", step)
@@ -213,7 +257,8 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
         l1 = (decoded - images).abs().mean()
         mse = ((decoded - images) ** 2).mean()
         kl = posterior.kl().mean() / images[0].numel()
-        loss = l1 + mse + 1e-4 * kl
+        linear = (readout(posterior.mean) - torch.nn.functional.avg_pool2d(images, factor)) ** 2
+        loss = l1 + mse + 1e-4 * kl + 0.5 * linear.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -224,15 +269,12 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
                 plan.vae_steps,
                 l1=l1.item(),
                 psnr=-10 * math.log10(mse.item() / 4),
+                linear_psnr=-10 * math.log10(linear.mean().item() / 4),
                 kl=kl.item(),
             )
-        if (step + 1) % plan.checkpoint_every == 0:
-            checkpoints.save(
-                "vae", step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict()}
-            )
-    checkpoints.save(
-        "vae", plan.vae_steps, {"vae": vae.state_dict(), "optimizer": opt.state_dict()}
-    )
+        if (step + 1) % plan.checkpoint_every == 0 or step == plan.vae_steps - 1:
+            state = {name: part.state_dict() for name, part in parts.items()}
+            checkpoints.save("vae", step + 1, {**state, "optimizer": opt.state_dict()})
     checkpoints.finish("vae")
 
 
@@ -255,8 +297,7 @@ class FlowBatch:
         self, pipe: FluxPipeline, rng: random.Random, width: int, height: int, count: int, step: int
     ) -> None:
         drawn, images = scene_batch(rng, width, height, count)
-        self.scenes = drawn
-        self.captions = [training_caption(rng, scene) for scene in drawn]
+        self.said = [Said.draw(rng, scene) for scene in drawn]
         vae = pipe.vae
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(
@@ -276,6 +317,10 @@ class FlowBatch:
         s = self.sigma[:, None, None]
         self.noisy = (1 - s) * self.clean + s * self.noise
         self.target = self.noise - self.clean
+
+    @property
+    def captions(self) -> list[str]:
+        return [said.caption for said in self.said]
 
     @staticmethod
     def _object_weights(drawn: list[scenes.Scene], width: int, height: int) -> torch.Tensor:
@@ -327,13 +372,60 @@ def weighted_mse(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
 def batches(
     pipe: FluxPipeline, plan: Plan, phase: str, start: int, total: int
 ) -> Iterator[tuple[int, FlowBatch]]:
+    sizes, odds = [(w, h, n) for w, h, n, _ in plan.buckets], [p for *_, p in plan.buckets]
     for step in range(start, total):
         rng = step_rng(phase, step)
-        early = phase == "flow" and step < plan.captions_from
-        buckets = plan.buckets if early else plan.caption_buckets
-        sizes, odds = [(w, h, n) for w, h, n, _ in buckets], [p for *_, p in buckets]
         width, height, count = rng.choices(sizes, odds)[0]
         yield step, FlowBatch(pipe, rng, width, height, count, step)
+
+
+def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
+    """Both text encoders learn to state every fact of a caption in a linearly readable
+    form (CLIP in its pooled vector, T5 across its tokens), then are frozen."""
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    if not checkpoints.done("text"):
+        width = plan.shape.text_dim
+        heads = {
+            "clip_head": torch.nn.Linear(width, sum(FACTS)),
+            "t5_head": torch.nn.Linear(width, sum(FACTS)),
+        }
+        parts = {**encoders, **heads}
+        opt = torch.optim.AdamW([p for part in parts.values() for p in part.parameters()], lr=1e-3)
+        start, _ = resumed(checkpoints, "text", parts, opt)
+        for part in parts.values():
+            part.train()
+        for step in range(start, plan.text_steps):
+            rng = step_rng("text", step)
+            said = [Said.draw(rng, scenes.random_scene(rng)) for _ in range(128)]
+            labels = torch.tensor([s.labels() for s in said])
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, plan.text_steps, 1e-3, warmup=20)
+            pooled, sequence = encode_text(pipe, [s.caption for s in said])
+            losses, right = [], []
+            for logits in (heads["clip_head"](pooled), heads["t5_head"](sequence.mean(dim=1))):
+                for fact, scores in enumerate(logits.split(FACTS, dim=-1)):
+                    losses.append(torch.nn.functional.cross_entropy(scores, labels[:, fact]))
+                    right.append((scores.argmax(-1) == labels[:, fact]).float().mean())
+            loss = torch.stack(losses).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == plan.text_steps - 1:
+                log(
+                    "text",
+                    step,
+                    plan.text_steps,
+                    loss=loss.item(),
+                    accuracy=torch.stack(right).mean().item(),
+                )
+            if (step + 1) % plan.checkpoint_every == 0 or step == plan.text_steps - 1:
+                state = {name: part.state_dict() for name, part in parts.items()}
+                checkpoints.save("text", step + 1, {**state, "optimizer": opt.state_dict()})
+        checkpoints.finish("text")
+    state = checkpoints.final("text")
+    for name, encoder in encoders.items():
+        encoder.load_state_dict(state[name])
+        encoder.requires_grad_(False).eval()
 
 
 class Ema:
@@ -353,48 +445,46 @@ class Ema:
 
 
 def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
-    """Transformer and text encoders together, from scratch; the EMA weights are kept."""
-    trio = {
-        "transformer": pipe.transformer,
-        "text_encoder": pipe.text_encoder,
-        "text_encoder_2": pipe.text_encoder_2,
-    }
+    """The transformer, from scratch; the EMA weights are kept."""
+    transformer = pipe.transformer
     if checkpoints.done("flow"):
-        state = checkpoints.final("flow")
-        for name, module in trio.items():
-            module.load_state_dict(state[f"ema_{name}"])
+        transformer.load_state_dict(checkpoints.final("flow")["ema"])
         return
-    parameters = [p for module in trio.values() for p in module.parameters()]
-    opt = torch.optim.AdamW(parameters, lr=plan.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    emas = {name: Ema(module, 0.998) for name, module in trio.items()}
-    start, state = resumed(checkpoints, "flow", trio, opt)
+    opt = torch.optim.AdamW(
+        transformer.parameters(), lr=plan.lr, weight_decay=0.01, betas=(0.9, 0.99)
+    )
+    ema = Ema(transformer, 0.998)
+    start, state = resumed(checkpoints, "flow", {"transformer": transformer}, opt)
     if start:
-        for name, ema in emas.items():
-            ema.shadow = state[f"ema_{name}"]
-    for module in trio.values():
-        module.train()
+        ema.shadow = state["ema"]
+    transformer.train()
     running = 0.0
     for step, batch in batches(pipe, plan, "flow", start, plan.flow_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, plan.flow_steps, plan.lr)
-        pooled, sequence = encode_text(pipe, batch.captions)
-        guidance = torch.ones(len(batch.captions))
-        loss = weighted_mse(predict(pipe.transformer, batch, pooled, sequence, guidance), batch)
+        with torch.no_grad():
+            pooled, sequence = encode_text(pipe, batch.captions)
+        guidance = torch.ones(len(batch.said))
+        loss = weighted_mse(predict(transformer, batch, pooled, sequence, guidance), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
-        for name, ema in emas.items():
-            ema.update(trio[name])
+        ema.update(transformer)
         running = loss.item() if step == start else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == plan.flow_steps - 1:
             log("flow", step, plan.flow_steps, loss=loss.item(), smooth=running)
         if (step + 1) % plan.checkpoint_every == 0 or step == plan.flow_steps - 1:
-            state = {name: module.state_dict() for name, module in trio.items()}
-            state |= {f"ema_{name}": ema.shadow for name, ema in emas.items()}
-            checkpoints.save("flow", step + 1, {**state, "optimizer": opt.state_dict()})
-    for name, module in trio.items():
-        module.load_state_dict(emas[name].shadow)
+            checkpoints.save(
+                "flow",
+                step + 1,
+                {
+                    "transformer": transformer.state_dict(),
+                    "ema": ema.shadow,
+                    "optimizer": opt.state_dict(),
+                },
+            )
+    transformer.load_state_dict(ema.shadow)
     checkpoints.finish("flow")
 
 
@@ -407,17 +497,13 @@ def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkp
     student = pipe.transformer
     opt = torch.optim.AdamW(student.parameters(), lr=plan.lr / 4, weight_decay=0.0)
     start, _ = resumed(checkpoints, "distill", {"transformer": student}, opt)
-    pipe.text_encoder.eval()
-    pipe.text_encoder_2.eval()
     student.train()
     for step, batch in batches(pipe, plan, "distill", start, plan.distill_steps):
         rng = step_rng("distill-scale", step)
         with torch.no_grad():
             # The student learns guidance for real captions; the empty one is the teacher's
             # unconditional branch.
-            captions = [
-                c or scenes.caption(s) for c, s in zip(batch.captions, batch.scenes, strict=True)
-            ]
+            captions = [replace(said, empty=False).caption for said in batch.said]
             pooled, sequence = encode_text(pipe, captions)
             empty_pooled, empty_sequence = encode_text(pipe, [""] * len(captions))
             ones = torch.ones(len(captions))
@@ -510,6 +596,7 @@ def train(plan: Plan, work: Path, out: Path) -> None:
     train_vae(pipe.vae, plan, checkpoints)
     fit_latent_scale(pipe.vae)
     pipe.vae.requires_grad_(False).eval()
+    train_text(pipe, plan, checkpoints)
     train_flow(pipe, plan, checkpoints)
     train_distilled_guidance(pipe, plan, checkpoints)
     tiny = train_tiny_decoder(pipe, plan, checkpoints)
