@@ -13,7 +13,7 @@ REPLICAS ?= 2
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser redis serve serve-cluster test lint bench clean
+.PHONY: install browser redis serve serve-cluster test lint image-test bench clean
 
 install: $(STAMP)
 
@@ -34,10 +34,15 @@ serve: $(STAMP)
 serve-cluster: $(CLUSTER_STAMP) redis
 	$(BIN)/python -m stream.cluster --host $(HOST) --port $(PORT) --replicas $(REPLICAS) $(ARGS)
 
+# hadolint, yamllint and kubernetes-validate work offline. kubernetes-validate checks the plain
+# Kubernetes objects and warns that it has no schema for the RayService (a custom resource).
 lint: $(STAMP)
 	$(BIN)/ruff check stream pipeline tests bench
 	$(BIN)/ruff format --check stream pipeline tests bench
 	$(BIN)/mypy stream pipeline
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/yamllint --strict .
+	$(BIN)/kubernetes-validate --strict --quiet deploy/rayservice.yaml
 
 # The browser tests drive Debian's Chromium. Install it when it is missing and apt is usable
 # (as root); otherwise those tests skip and say why.
@@ -55,6 +60,16 @@ redis:
 
 test: lint browser redis $(CLUSTER_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Builds the Dockerfile with the CPU build of torch, runs it, calls /health and one
+# generation (deploy/image-test.sh; minutes, so not part of `make test`). Needs root for
+# Debian's buildah, podman, runc and debootstrap, installed here when missing.
+IMAGE_TOOLS := buildah podman runc debootstrap
+image-test: $(STAMP)
+	@for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+		test -z "$$missing" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq $$missing >/dev/null; }
+	PIP=$(BIN)/pip bash deploy/image-test.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.stream_overhead

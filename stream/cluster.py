@@ -6,7 +6,9 @@ takes at most as many requests as its engine admits (`max_ongoing_requests` = th
 job + `max_queued`), so the router spreads load before any replica has to answer 429, and
 Ray's own bounded queue (`max_queued_requests`) answers 503 beyond that, which the SDKs
 retry. State that any replica must see (url results) lives in a shared store: the same
-`data_dir` on one machine, or Redis across machines.
+`data_dir` on one machine, or Redis across machines. `build` makes the same application
+from a Ray Serve config file (deploy/serve.yaml, for `serve run`, `serve deploy` and
+KubeRay).
 
 A replica that dies mid-stream cannot send the `error` frame its clients are owed, so the
 proxy runs `stream.proxy_guard`, which ends such streams with one.
@@ -102,12 +104,29 @@ def deploy(settings: Settings) -> None:
         # on this machine, whose Serve keeps its own port and which Ctrl-C would shut down.
         address = os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False)
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings), name=APP_NAME, route_prefix="/")
+
+
+def application(settings: Settings) -> Any:
+    """The Serve application: `FluxstreamReplica` as the ingress of one deployment, one GPU
+    per replica where the cluster has GPUs. Ray must be initialised."""
+    serve = _serve()
+    import ray
+
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     deployment = serve.deployment(**deployment_options(settings, gpus))(
         serve.ingress()(FluxstreamReplica)
     )
-    serve.run(deployment.bind(settings), name=APP_NAME, route_prefix="/")
+    return deployment.bind(settings)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """The application builder of a Ray Serve config file (`import_path:
+    stream.cluster:build`, see deploy/serve.yaml): `args` are settings by field name, over
+    `FLUXSTREAM_*` variables and the defaults. The config's `deployments` section then
+    overrides Ray's options (replicas, autoscaling, `ray_actor_options`) as usual."""
+    return application(Settings(**args))
 
 
 def shutdown() -> None:
@@ -121,11 +140,12 @@ def shutdown() -> None:
 @contextlib.contextmanager
 def shared_state(settings: Settings) -> Iterator[Settings]:
     """Settings whose state every replica shares: the given Redis, or else a private
-    `redis-server` for replicas on this machine (url files are shared through `data_dir`)."""
+    `redis-server` for replicas on this machine (url files are shared through `data_dir`),
+    restarted whenever it exits, loudly (`stream.local_redis`)."""
     if settings.state_store == "redis":
         yield settings
         return
-    from stream.redis_state import local_redis_server
+    from stream.local_redis import local_redis_server
 
     try:
         with local_redis_server() as url:
