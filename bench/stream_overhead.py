@@ -1,35 +1,56 @@
 """What streaming through the server costs over a bare diffusers call, in one run.
 
 Times (a) `pipe(...)` on the loaded pipeline directly and (b) the same request through a
-real uvicorn server with the OpenAI SDK, `stream=True, partial_images=3`, and prints the
-ratio (b)/(a). Medians over --repeats runs after a warm-up of each.
+real server (`python -m stream`, in a process of its own, as deployed: a server thread in
+this process would compete with the client for the GIL and inflate the ratio) with the
+OpenAI SDK, `stream=True, partial_images=3`, and prints the ratio (b)/(a). Medians over
+--repeats runs after a warm-up of each. Then each stage of the last mile for one image of
+the same size (`bench.encode`): what the ratio is made of.
 
-    .venv/bin/python -m bench.stream_overhead [--model embedded] [--size 512] [--steps 8]
+    .venv/bin/python -m bench.stream_overhead [--model embedded] [--size 256] [--steps 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from pipeline.engine import ThreadedEngine
+from bench.encode import generated_like, last_mile_table
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
-from stream.app import create_app
-from stream.settings import Settings
 from tests.conftest import sdk_client
-from tests.servers import live_server
+from tests.servers import free_port, wait_healthy
+
+
+@contextmanager
+def server_process(model: str, scratch: Path) -> Iterator[str]:
+    """`python -m stream` on a free loopback port; its base URL until it is stopped."""
+    port = free_port()
+    flags = ["--port", str(port), "--model", model, "--cache-dir", str(scratch / "cache")]
+    flags += ["--data-dir", str(scratch / "images")]
+    process = subprocess.Popen([sys.executable, "-m", "stream", *flags])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, timeout_s=600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=256, help="the embedded model's own")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -52,9 +73,7 @@ def main() -> None:
         )
         return time.perf_counter() - started
 
-    settings = Settings(data_dir=scratch / "images", cache_dir=scratch / "cache")
-    app = create_app(settings, ThreadedEngine(runner, max_queued=4))
-    with live_server(app) as url:
+    with server_process(args.model, scratch) as url:
         client = sdk_client(url)
 
         def streamed() -> float:
@@ -78,6 +97,8 @@ def main() -> None:
     print(f"bare diffusers call:           {bare_s * 1000:8.1f} ms")
     print(f"streamed, partial_images=3:    {streamed_s * 1000:8.1f} ms")
     print(f"ratio streamed / bare:         {streamed_s / bare_s:8.3f}")
+    print("\nthe last mile of the completed image (PNG, b64_json):")
+    last_mile_table(generated_like(args.size), args.size, args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
+from pipeline.pixels import to_pil_images
+
 
 def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
     """The 1-based steps after which previews are taken: evenly spread, distinct, and never
@@ -38,8 +40,7 @@ class PreviewDecoder(Protocol):
 
 def _to_image(rgb: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """(3, h, w) in [0, 1] on any device -> PIL image of `size`; only uint8 leaves the device."""
-    pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(pixels, mode="RGB")
+    (image,) = to_pil_images(rgb[None])
     return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
 

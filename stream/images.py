@@ -20,6 +20,11 @@ MEDIA_TYPES = {
     "avif": "image/avif",
 }
 DEFAULT_QUALITY = 90
+# Encoder speed settings chosen by `bench/encode.py` at the same quality (1024², q90): WebP
+# method 0 is 19 ms against 73 ms for Pillow's default 4, files 4 % larger; AVIF speed 10
+# is 27 ms against 190 ms for speed 6, 1 % larger, the same PSNR.
+WEBP_METHOD = 0
+AVIF_SPEED = 10
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int | None = None) -> bytes:
@@ -31,9 +36,9 @@ def encode_image(image: Image.Image, output_format: str, quality: int | None = N
     if output_format == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     elif output_format == "webp":
-        image.save(buffer, format="WEBP", quality=quality)
+        image.save(buffer, format="WEBP", quality=quality, method=WEBP_METHOD)
     elif output_format == "avif":
-        image.save(buffer, format="AVIF", quality=quality)
+        image.save(buffer, format="AVIF", quality=quality, speed=AVIF_SPEED)
     elif output_format == "gif":
         image.convert("RGB").quantize(colors=256).save(buffer, format="GIF")
     else:

@@ -2,11 +2,11 @@
 
 When a replica process dies mid-stream, Ray's proxy stops relaying and the connection is
 cut, and SDK users see a bare connection error. This ASGI middleware runs in the proxy
-(Ray loads it through `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, which
-`stream.cluster` sets): when a streamed POST response ends without its final body
-message, it sends one OpenAI `error` frame and ends the body properly, as the server
-itself does for failures after the stream started. Job event streams (GET) are left
-alone: browsers reconnect and resume them on another replica.
+(Ray loads it through `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, which `stream.cluster`
+sets, and deploy/serve.yaml through its `controller_options`): when a streamed POST
+response ends without its final body message, it sends one OpenAI `error` frame and ends
+the body properly, as the server itself does for failures after the stream started. Job
+event streams (GET) are left alone: browsers reconnect and resume them on another replica.
 
 The proxy also appends its own `x-request-id` to the one the app sent (the same id: the
 proxy passed it on), which clients would read joined as "id, id"; `OneRequestId` keeps one.
@@ -25,7 +25,7 @@ REQUEST_ID = b"x-request-id"
 REPLICA_LOST = error_frame(
     "the server replica running this request stopped; retry the request",
     code="replica_failed",
-).encode()
+)
 
 
 class UnfinishedStreamGuard:

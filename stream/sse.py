@@ -24,31 +24,37 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 SEPARATOR = "\n"
+# A frame as it goes on the wire.
+Frame = bytes
 
 
-def event_frame(payload: dict[str, Any]) -> ServerSentEvent:
+def _frame(event: str, data: str, event_id: int | None = None) -> Frame:
+    """Written here, not by sse-starlette's `ServerSentEvent`, whose encoder splits the data
+    on line breaks and copies it three times: 15 ms for the completed event of a 1024² PNG.
+    Our data is compact JSON, one line by construction (`json.dumps` escapes line breaks),
+    so a frame is one concatenation."""
+    head = "" if event_id is None else f"id: {event_id}{SEPARATOR}"
+    return f"{head}event: {event}{SEPARATOR}data: {data}{SEPARATOR}{SEPARATOR}".encode()
+
+
+def _json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def event_frame(payload: dict[str, Any]) -> Frame:
     """One OpenAI event; `payload["type"]` is also the SSE event name."""
-    return ServerSentEvent(
-        data=json.dumps(payload, separators=(",", ":")), event=payload["type"], sep=SEPARATOR
-    )
+    return _frame(payload["type"], _json(payload))
 
 
-def job_frame(event_id: int, name: str, payload: dict[str, Any]) -> ServerSentEvent:
+def job_frame(event_id: int, name: str, payload: dict[str, Any]) -> Frame:
     """One event of `GET /v1/images/jobs/{id}/events` (browsers only: it has an `id:`).
 
     Failures are named `failed` or `cancelled`, never `error`: an `EventSource` reports its
     own connection errors as `error` events, and the two must not be confused."""
-    return ServerSentEvent(
-        data=json.dumps(payload, separators=(",", ":")),
-        event=name,
-        id=str(event_id),
-        sep=SEPARATOR,
-    )
+    return _frame(name, _json(payload), event_id)
 
 
-def error_frame(
-    message: str, code: str | None = None, type: str = "server_error"
-) -> ServerSentEvent:
+def error_frame(message: str, code: str | None = None, type: str = "server_error") -> Frame:
     return event_frame(
         {
             "type": "error",
@@ -57,17 +63,17 @@ def error_frame(
     )
 
 
-def comment(text: str) -> ServerSentEvent:
-    return ServerSentEvent(comment=text, sep=SEPARATOR)
+def comment(text: str) -> Frame:
+    return f": {text}{SEPARATOR}{SEPARATOR}".encode()
 
 
 def event_stream(
-    frames: AsyncIterator[ServerSentEvent], *, keepalive_s: float, headers: dict[str, str]
+    frames: AsyncIterator[Frame], *, keepalive_s: float, headers: dict[str, str]
 ) -> EventSourceResponse:
     return EventSourceResponse(
         frames,
         sep=SEPARATOR,
         ping=keepalive_s,
-        ping_message_factory=lambda: comment("ping"),
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEPARATOR),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )

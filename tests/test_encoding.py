@@ -138,3 +138,16 @@ def test_data_keeps_the_order_of_the_seeds_when_later_images_encode_first(
         assert item.b64_json is not None
         blues.append(int(pixels(base64.b64decode(item.b64_json))[0, 0, 2]))
     assert blues == [200, 201, 202, 203]
+
+
+@pytest.mark.parametrize(("output_format", "pillow_default"), [("webp", "WEBP"), ("avif", "AVIF")])
+def test_fast_lossy_settings_keep_files_within_a_fifth_of_pillows_defaults(
+    output_format: str, pillow_default: str
+) -> None:
+    """The speed settings `bench/encode.py` chose must not cost more than 1.2x in size."""
+    image = photo_like(size=(512, 384))
+    ours = images.encode_image(image, output_format)
+    buffer = io.BytesIO()
+    image.save(buffer, format=pillow_default, quality=images.DEFAULT_QUALITY)
+    assert len(ours) <= 1.2 * len(buffer.getvalue())
+    assert Image.open(io.BytesIO(ours)).size == image.size

@@ -7,8 +7,10 @@ import shutil
 import time
 
 import httpx
+from sse_starlette import ServerSentEvent
 
 from pipeline.jobs import JobFailed
+from stream import sse
 from stream.settings import Settings
 from tests.fakes import FakeEngine
 
@@ -97,3 +99,17 @@ def test_a_server_fault_after_the_stream_started_is_one_generic_error_frame(
     while counted not in httpx.get(f"{fake_server}/metrics").text:
         assert time.monotonic() < deadline, "the fault was not counted as a failed job"
         time.sleep(0.05)
+
+
+def test_frames_written_by_hand_are_the_bytes_sse_starlette_would_write() -> None:
+    """`stream.sse` writes frames itself, for speed; the wire format must not change."""
+    payload = {"type": "image_generation.completed", "b64_json": "iVBO+/==", "note": "a\nb"}
+    data = json.dumps(payload, separators=(",", ":"))
+    reference = ServerSentEvent(data=data, event=payload["type"], sep="\n").encode()
+    assert sse.event_frame(payload) == reference
+    with_id = ServerSentEvent(data=data, event="completed", id="7", sep="\n").encode()
+    assert sse.job_frame(7, "completed", payload) == with_id
+    assert (
+        sse.comment("queued position=2")
+        == ServerSentEvent(comment="queued position=2", sep="\n").encode()
+    )
