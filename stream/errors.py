@@ -6,7 +6,8 @@
     ├── NotFound                404 invalid_request_error (unknown model, route, file)
     ├── PayloadTooLarge         413 invalid_request_error
     ├── RateLimited             429 rate_limit_error, with Retry-After
-    ├── ServiceUnavailable      503 server_error (shutting down, queue wait too long)
+    ├── ServiceUnavailable      503 server_error (shutting down, queue wait too long:
+    │                           that one with Retry-After)
     └── ServerError             500 server_error (a bug or a failed job; message is generic)
 
 Messages are written for users: never exception text, paths or object reprs.
@@ -73,17 +74,21 @@ class PayloadTooLarge(APIError):
     type = "invalid_request_error"
 
 
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """The headers that tell the OpenAI SDKs when to retry: whole seconds, at least one
+    (also when the engine has no measured run times to estimate from yet)."""
+    whole = max(1, math.ceil(seconds or 0))
+    return {"Retry-After": str(whole), "retry-after-ms": str(whole * 1000)}
+
+
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
-        seconds = max(1, math.ceil(retry_after_s))
-        super().__init__(
-            message,
-            code=code,
-            headers={"Retry-After": str(seconds), "retry-after-ms": str(seconds * 1000)},
-        )
+    def __init__(
+        self, message: str, *, retry_after_s: float | None, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, headers=retry_after(retry_after_s))
 
 
 class ServiceUnavailable(APIError):

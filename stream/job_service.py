@@ -17,9 +17,12 @@ Who cancels whom:
 - the engine fails the job: the record turns `failed` with a message safe for users;
 - the store fails (Redis gone): that job's follower logs it and ends, and nothing else
   stops (its task group is shared by every job, and the engine closes when it fails);
-- this process dies: it stops renewing its jobs' leases (`keep_alive`), and a shared
-  store fails them for whoever reads them next.
-A webhook, when asked for, is sent after the job's terminal event, whatever it was.
+- this process dies: it stops renewing its jobs' leases (`keep_alive`), and the next
+  lease scan of any other replica (`fail_lost`) fails them.
+A webhook, when asked for, is sent after the job's terminal event, whatever it was, by the
+process that recorded that event: the follower, the replica a `DELETE` reached, or the one
+whose scan failed the job of a dead replica. A store records one terminal event per job,
+so the webhook goes out once.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from sse_starlette import ServerSentEvent
 
 from pipeline.jobs import (
     ContentFiltered,
@@ -104,7 +106,7 @@ class JobService:
         plan = dataclasses.replace(plan, job=job, partial_images=partial_images)
         handle = self.images.submit(plan)
         try:
-            record = await self.store.create()
+            record = await self.store.create(webhook_url=webhook_url, base_url=base_url)
             await self.store.append(record.id, "queued", {"id": record.id, "status": "queued"})
         except BaseException:
             handle.cancel()  # a job nobody can watch or fetch must not hold the engine
@@ -129,7 +131,7 @@ class JobService:
             return record
         # The terminal event in the store is what cancels: the replica running the job
         # (this one or another, with a shared store) sees its next append refused.
-        await self.store.append(job_id, "cancelled", _cancelled(job_id))
+        await self._end(job_id, "cancelled", _cancelled(job_id), record.webhook_url)
         self._stop(job_id)
         return await self.get(job_id)
 
@@ -156,12 +158,12 @@ class JobService:
             "error": record.error,
         }
 
-    async def event_frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    async def event_frames(self, job_id: str, after: int) -> AsyncIterator[sse.Frame]:
         """The job's events after `after` as SSE frames with ids; 404 before streaming."""
         await self.get(job_id)
         return self._frames(job_id, after)
 
-    async def _frames(self, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    async def _frames(self, job_id: str, after: int) -> AsyncIterator[sse.Frame]:
         async for event in self.store.follow(job_id, after):
             yield sse.job_frame(event.id, event.name, event.data)
 
@@ -176,16 +178,63 @@ class JobService:
     async def _keep_alive_forever(self) -> None:
         """Renew the leases of the jobs this process runs, several times per lease, and stop
         those finished elsewhere: a queued job cancelled through another replica sends no
-        event whose refused append would tell."""
+        event whose refused append would tell. Then fail the jobs of replicas that died."""
         while True:
             try:
                 finished = await self.store.keep_alive(list(self._following))
+                lost = await self.store.fail_lost()
             except Exception as error:
-                logger.warning("job leases were not renewed: %s", error)
-                finished = set()
+                logger.warning("job leases were not renewed or checked: %s", error)
+                finished, lost = set(), []
             for job_id in finished:
                 self._stop(job_id)
+            for record in lost:
+                logger.warning("job %s failed: its replica stopped renewing it", record.id)
+                if record.webhook_url is not None:
+                    await self._send_webhook(record.id, record.webhook_url)
             await anyio.sleep(self.settings.job_lease_s / 4)
+
+    async def _end(
+        self,
+        job_id: str,
+        name: str,
+        data: dict[str, Any],
+        webhook_url: str | None,
+        files: tuple[str, ...] = (),
+    ) -> None:
+        """Record the job's terminal event, and if this append is the one that recorded it
+        (a store refuses events after a terminal one), send the job's webhook."""
+        if await self.store.append(job_id, name, data, files) is not None and webhook_url:
+            await self._send_webhook(job_id, webhook_url)
+
+    async def _send_webhook(self, job_id: str, url: str) -> None:
+        """Deliver the finished job to `url` in a task of its own: retries must hold up
+        neither a `DELETE` answer nor the lease scan."""
+        if self._group is None:
+            logger.warning("webhook for job %s was not delivered: the server stopped", job_id)
+            return
+        await self._group.start(self._deliver_webhook, job_id, url)
+
+    async def _deliver_webhook(
+        self,
+        job_id: str,
+        url: str,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Counted in flight before `_send_webhook` returns, so that a drain that starts as
+        the job ends waits for it. Nothing may escape: this task shares its group."""
+        async with self._in_flight.track():
+            task_status.started()
+            try:
+                record = await self.store.get(job_id)
+                if record is None:
+                    return
+                payload = self.snapshot(record, record.base_url)
+                if not await webhooks.deliver(url, job_id, payload, self.settings):
+                    logger.warning("webhook for job %s was not delivered", job_id)
+            except Exception:
+                logger.exception("webhook for job %s was not delivered", job_id)
 
     async def _follow(
         self,
@@ -203,19 +252,22 @@ class JobService:
             async with self._in_flight.track():
                 try:
                     with following.scope:
-                        await self._consume(job_id, following.handle, plan, kind, base_url)
+                        await self._consume(
+                            job_id, following.handle, plan, kind, base_url, webhook_url
+                        )
                 finally:
                     del self._following[job_id]
-                record = await self.store.get(job_id)
-                if webhook_url is not None and record is not None:
-                    payload = self.snapshot(record, base_url)
-                    if not await webhooks.deliver(webhook_url, job_id, payload, self.settings):
-                        logger.warning("webhook for job %s was not delivered", job_id)
         except Exception:
             logger.exception("job %s was not followed to its end", job_id)
 
     async def _consume(
-        self, job_id: str, handle: JobHandle, plan: ImagePlan, kind: str, base_url: str
+        self,
+        job_id: str,
+        handle: JobHandle,
+        plan: ImagePlan,
+        kind: str,
+        base_url: str,
+        webhook_url: str | None,
     ) -> None:
         append = self.store.append
         events = JobWatch(self.images.metrics, job_id, plan, closed="cancelled").events(handle)
@@ -239,20 +291,20 @@ class JobService:
                     files: list[str] = []
                     body = await self.images.result_body(event, plan, base_url, files)
                     data = {"id": job_id, "status": "completed", "result": body}
-                    await append(job_id, "completed", data, tuple(files))
+                    await self._end(job_id, "completed", data, webhook_url, tuple(files))
         except JobCancelled:
-            await append(job_id, "cancelled", _cancelled(job_id))
+            await self._end(job_id, "cancelled", _cancelled(job_id), webhook_url)
         except (ContentFiltered, JobRejected) as refused:
             error = refusal(refused, plan).body()["error"]
-            await append(job_id, "failed", {"id": job_id, "status": "failed", "error": error})
+            failed = {"id": job_id, "status": "failed", "error": error}
+            await self._end(job_id, "failed", failed, webhook_url)
         except EngineError as error:
             message = str(error) or "the image could not be generated"
-            await append(job_id, "failed", failure(job_id, "failed", message))
+            await self._end(job_id, "failed", failure(job_id, "failed", message), webhook_url)
         except Exception:
             logger.exception("job %s failed while its results were prepared", job_id)
-            await append(
-                job_id, "failed", failure(job_id, "failed", "the server hit an internal error")
-            )
+            internal = failure(job_id, "failed", "the server hit an internal error")
+            await self._end(job_id, "failed", internal, webhook_url)
 
 
 def _cancelled(job_id: str) -> dict[str, Any]:

@@ -41,7 +41,8 @@ class JobEvent:
 
 @dataclass
 class JobRecord:
-    """The snapshot of one job that `GET /v1/images/jobs/{id}` shows."""
+    """The snapshot of one job that `GET /v1/images/jobs/{id}` shows, and where its end is
+    announced: kept with the job, so that any replica that ends it can send its webhook."""
 
     id: str
     created: int
@@ -53,6 +54,8 @@ class JobRecord:
     files: tuple[str, ...] = ()
     finished_at: float | None = None
     last_event_id: int = 0
+    webhook_url: str | None = None
+    base_url: str = ""  # as its creator reached the server: the webhook's `events_url`
 
     @property
     def finished(self) -> bool:
@@ -60,7 +63,7 @@ class JobRecord:
 
 
 class JobStore(Protocol):
-    async def create(self) -> JobRecord:
+    async def create(self, *, webhook_url: str | None = None, base_url: str = "") -> JobRecord:
         """A new queued record under a fresh, unguessable id."""
         ...
 
@@ -89,10 +92,13 @@ class JobStore(Protocol):
 
     async def keep_alive(self, job_ids: Sequence[str]) -> set[str]:
         """Say that this process still runs these jobs; returns those of them that finished
-        without it (cancelled through another replica, or gone), which it should stop.
+        without it (cancelled through another replica, or gone), which it should stop."""
+        ...
 
-        A shared store fails an unfinished job whose process stopped saying so (it died),
-        for whoever reads the job next."""
+    async def fail_lost(self) -> list[JobRecord]:
+        """Fail the unfinished jobs whose process stopped saying it runs them (it died);
+        returns the records this call failed. A job is failed once across replicas, so
+        whoever gets it here sends its webhook."""
         ...
 
 
@@ -115,8 +121,8 @@ class MemoryJobStore:
         self.retention_s = retention_s
         self._entries: dict[str, _Entry] = {}
 
-    async def create(self) -> JobRecord:
-        record = JobRecord(id=f"imgjob_{secrets.token_urlsafe(18)}", created=int(time.time()))
+    async def create(self, *, webhook_url: str | None = None, base_url: str = "") -> JobRecord:
+        record = new_record(webhook_url, base_url)
         self._entries[record.id] = _Entry(record, collections.deque(maxlen=self.buffer_size))
         return record
 
@@ -170,8 +176,20 @@ class MemoryJobStore:
     async def keep_alive(self, job_ids: Sequence[str]) -> set[str]:
         return set()  # only this process cancels its jobs, and it stops them itself
 
+    async def fail_lost(self) -> list[JobRecord]:
+        return []  # its jobs die with this process, and nobody is left to ask
+
     def _is_expired(self, record: JobRecord, now: float) -> bool:
         return record.finished_at is not None and now - record.finished_at > self.retention_s
+
+
+def new_record(webhook_url: str | None, base_url: str) -> JobRecord:
+    return JobRecord(
+        id=f"imgjob_{secrets.token_urlsafe(18)}",
+        created=int(time.time()),
+        webhook_url=webhook_url,
+        base_url=base_url,
+    )
 
 
 def apply_event(record: JobRecord, event: JobEvent, files: tuple[str, ...]) -> None:

@@ -11,9 +11,10 @@ The same `JobStore` and `ResultStore` interfaces as the in-process defaults, on 
   ones whose retention ran out and hands their result files to be deleted, and in a set
   of those whose streams the next sweep trims to their terminal event;
 - the replica running a job renews a lease key on it (`keep_alive`) and learns then of
-  jobs cancelled elsewhere, even queued ones that send no events; a replica that reads an
-  unfinished job whose lease ran out (its replica died, or stopped without recording an
-  outcome) fails it, so its watchers get a `failed` event instead of waiting for a day;
+  jobs cancelled elsewhere, even queued ones that send no events; unfinished jobs are in a
+  set, which every replica scans as often (`fail_lost`) for jobs whose lease ran out (their
+  replica died, or stopped without recording an outcome): the one whose append fails such
+  a job sends its webhook, and its watchers get a `failed` event instead of waiting;
 - result files are plain keys with a TTL of `url_ttl_s`.
 """
 
@@ -21,20 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import WatchError
 
-from stream.jobs import TERMINAL, JobEvent, JobRecord, apply_event, failure
+from stream.jobs import TERMINAL, JobEvent, JobRecord, apply_event, failure, new_record
 from stream.store import StoredImage, is_valid_name, media_type_of, new_name
 
 # Unfinished jobs keep their keys this long at most, so a crashed replica leaves no litter.
@@ -76,11 +71,16 @@ class RedisJobStore:
     def _untrimmed_key(self) -> str:
         return f"{self.prefix}:jobs:untrimmed"
 
-    async def create(self) -> JobRecord:
-        record = JobRecord(id=f"imgjob_{secrets.token_urlsafe(18)}", created=int(time.time()))
+    @property
+    def _unfinished_key(self) -> str:
+        return f"{self.prefix}:jobs:unfinished"
+
+    async def create(self, *, webhook_url: str | None = None, base_url: str = "") -> JobRecord:
+        record = new_record(webhook_url, base_url)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._record_key(record.id), _dump(record), ex=UNFINISHED_TTL_S)
             pipe.set(self._lease_key(record.id), 1, px=self.lease_ms)
+            pipe.sadd(self._unfinished_key, record.id)
             await pipe.execute()
         return record
 
@@ -97,15 +97,25 @@ class RedisJobStore:
             if raw is None or _load(raw).finished
         }
 
-    async def get(self, job_id: str) -> JobRecord | None:
-        record = await self._read(job_id)
-        if record is None or record.finished or await self.client.exists(self._lease_key(job_id)):
-            return record
-        # Refused if the job finished meanwhile: either way, the record is read again.
-        await self.append(job_id, "failed", failure(job_id, "failed", LOST, "replica_failed"))
-        return await self._read(job_id)
+    async def fail_lost(self) -> list[JobRecord]:
+        job_ids = [_text(raw) for raw in await self.client.smembers(self._unfinished_key)]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self._lease_key(job_id))
+                pipe.exists(self._record_key(job_id))
+            replies = await pipe.execute()
+        failed = []
+        for job_id, leased, recorded in zip(job_ids, replies[::2], replies[1::2], strict=True):
+            if not recorded:  # expired unfinished, with no replica left to scan meanwhile
+                await self.client.srem(self._unfinished_key, job_id)
+            # Refused if the job finished meanwhile or another replica failed it first.
+            elif not leased and await self.append(job_id, "failed", _lost(job_id)) is not None:
+                record = await self.get(job_id)
+                if record is not None:
+                    failed.append(record)
+        return failed
 
-    async def _read(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.client.get(self._record_key(job_id))
         if raw is None:
             return None
@@ -155,6 +165,7 @@ class RedisJobStore:
         if record.finished_at is not None:
             pipe.zadd(self._finished_key, {record.id: record.finished_at})
             pipe.sadd(self._untrimmed_key, record.id)
+            pipe.srem(self._unfinished_key, record.id)
 
     async def follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
         cursor = f"0-{after}"
@@ -168,7 +179,7 @@ class RedisJobStore:
                     yield JobEvent(int(cursor.split("-")[1]), name, json.loads(fields[b"data"]))
                     if name in TERMINAL:
                         return
-            # `get` also fails the job if its replica died; the next read yields that event.
+            # A job whose replica died is failed by `fail_lost`; the next read yields that.
             if not reply and await self.get(job_id) is None:
                 return
 
@@ -230,6 +241,10 @@ class RedisResultStore:
         return 0  # Redis expires the keys itself
 
 
+def _lost(job_id: str) -> dict[str, Any]:
+    return failure(job_id, "failed", LOST, "replica_failed")
+
+
 def _dump(record: JobRecord) -> str:
     return json.dumps(dataclasses.asdict(record))
 
@@ -242,51 +257,3 @@ def _load(raw: bytes | str) -> JobRecord:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-@contextmanager
-def local_redis_server() -> Iterator[str]:
-    """A private `redis-server` on a free loopback port, without persistence; yields its URL.
-
-    For replicas on one machine that were given no Redis, and for tests. Raises
-    FileNotFoundError when redis-server is not installed.
-    """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server is not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    workdir = tempfile.mkdtemp(prefix="fluxstream-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)

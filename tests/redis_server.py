@@ -14,7 +14,8 @@ def redis_server() -> Iterator[str]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make test installs Debian's redis-server)")
     pytest.importorskip("redis", reason="the redis package comes with the cluster extra")
-    from stream.redis_state import local_redis_server
+    from stream.local_redis import local_redis_server
 
-    with local_redis_server() as url:
+    # Unsupervised: the outage tests stop it, and a restart would end their outage.
+    with local_redis_server(supervised=False) as url:
         yield url

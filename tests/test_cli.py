@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_origin
 
 import httpx
 import pytest
@@ -156,9 +157,43 @@ def test_a_bad_secret_setting_is_named_without_showing_the_secret() -> None:
     assert "leaked" not in line
 
 
-def test_a_list_variable_that_is_not_json_fails_start_up_with_one_line_without_its_value() -> None:
-    line = start_up_failure(env={"FLUXSTREAM_API_KEYS": "sk-leaked"})
-    assert line == ('fluxstream: FLUXSTREAM_API_KEYS must be JSON here, such as \'["a", "b"]\'')
+LIST_SETTINGS = [
+    name for name, field in Settings.model_fields.items() if get_origin(field.annotation) is tuple
+]
+
+
+@pytest.mark.parametrize("name", LIST_SETTINGS)
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("sk-one", ("sk-one",)),
+        ("sk-one,sk-two", ("sk-one", "sk-two")),
+        (" sk-one , sk-two ,", ("sk-one", "sk-two")),
+        ('["sk-a", "sk-b"]', ("sk-a", "sk-b")),
+        ('["a,b"]', ("a,b",)),
+        ("[]", ()),
+    ],
+)
+def test_a_list_variable_is_comma_separated_values_or_json(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str, items: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv(f"FLUXSTREAM_{name.upper()}", text)
+    assert getattr(load_settings([]), name) == items
+
+
+def test_the_list_settings_are_all_found_for_the_test_above() -> None:
+    assert {"api_keys", "cors_allow_origins", "webhook_allowed_hosts"} <= set(LIST_SETTINGS)
+
+
+@pytest.mark.parametrize("text", ["", " , ", '["sk-leaked"'])
+def test_an_empty_or_broken_list_variable_fails_start_up_with_one_line_without_its_value(
+    text: str,
+) -> None:
+    line = start_up_failure(env={"FLUXSTREAM_API_KEYS": text})
+    assert line == (
+        "fluxstream: FLUXSTREAM_API_KEYS is not a list: give comma-separated values (a,b) "
+        """or JSON ('["a", "b"]', '[]' for none)"""
+    )
 
 
 def test_an_unknown_log_level_fails_start_up_with_one_line() -> None:
@@ -220,9 +255,9 @@ def test_a_real_servers_log_has_access_lines_and_no_api_key_or_prompt(model_cach
     assert len(access) == 2 and all("outcome=ok" in line for line in access)
 
 
-def test_readme_configuration_table_names_every_setting_and_only_settings() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = readme[readme.index("## Configuration") : readme.index("## Operating")]
+def test_the_configuration_page_names_every_setting_and_only_settings() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    table = page[page.index("| setting | default |") :].split("\n\n")[0]
     named = {
         name
         for row in table.splitlines()

@@ -41,16 +41,36 @@ async def collect(engine: ThreadedEngine, the_job: Job) -> list[object]:
     return [event async for event in engine.submit(the_job).events()]
 
 
-async def test_events_arrive_in_order_and_end_with_the_result() -> None:
+async def test_events_arrive_in_order_and_an_idle_engine_starts_the_job_unqueued() -> None:
     engine = ThreadedEngine(StepRunner(), max_queued=2)
     events = await collect(engine, job(3))
-    assert events[:2] == [Queued(position=1, estimated_wait_s=5.0), Started(events[1].queue_wait_s)]
-    assert events[2:5] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
+    assert isinstance(events[0], Started)  # no `Queued` first: nothing was ahead of it
+    assert events[1:4] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
     assert isinstance(events[-1], Result)
     await engine.aclose()
 
 
-async def test_full_queue_refuses_at_once_with_a_retry_estimate() -> None:
+async def test_a_queued_jobs_wait_is_estimated_from_measured_run_times_only() -> None:
+    release = threading.Event()
+    engine = ThreadedEngine(StepRunner(release), max_queued=2)
+    engine.submit(job())
+    await asyncio.sleep(0.3)  # the worker holds it: the first measured run takes >= 0.3 s
+    behind = engine.submit(job()).events()
+    assert await anext(behind) == Queued(position=1, estimated_wait_s=None)
+    release.set()
+    assert isinstance([event async for event in behind][-1], Result)
+    release.clear()
+    engine.submit(job())
+    await asyncio.sleep(0.05)
+    queued = await anext(engine.submit(job()).events())
+    assert isinstance(queued, Queued) and queued.estimated_wait_s is not None
+    # 0.8 x the first run (>= 0.3 s) + 0.2 x the second; far from any made-up figure.
+    assert 0.2 < queued.estimated_wait_s < 3
+    release.set()
+    await engine.aclose(grace_s=10)
+
+
+async def test_full_queue_refuses_at_once_without_a_made_up_retry_estimate() -> None:
     release = threading.Event()
     engine = ThreadedEngine(StepRunner(release), max_queued=1)
     running = engine.submit(job())
@@ -58,7 +78,7 @@ async def test_full_queue_refuses_at_once_with_a_retry_estimate() -> None:
     engine.submit(job())
     with pytest.raises(QueueFull) as raised:
         engine.submit(job())
-    assert raised.value.retry_after_s > 0
+    assert raised.value.retry_after_s is None  # no job has finished to estimate from
     release.set()
     running.cancel()
     await engine.aclose()
@@ -143,7 +163,9 @@ async def test_engine_is_warming_until_its_start_up_generation_is_done() -> None
     assert engine.status == "warming"
     queued = engine.submit(job(1))  # requests during warm-up wait in the queue
     release.set()
-    assert isinstance([event async for event in queued.events()][-1], Result)
+    events = [event async for event in queued.events()]
+    assert events[0] == Queued(position=1, estimated_wait_s=None)  # and are told so
+    assert isinstance(events[-1], Result)
     assert engine.status == "ok"
     await engine.aclose()
     assert engine.status == "closed"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 import pytest
 
-from stream.jobs import JobEvent, JobStore, MemoryJobStore
+from stream.jobs import JobEvent, JobRecord, JobStore, MemoryJobStore
 from tests.redis_server import redis_server
 
 
@@ -101,3 +101,44 @@ async def test_sweep_trims_a_finished_jobs_buffer_to_its_terminal_event(store: J
     assert [e.name for e in await collect(store, record.id, after=0)] == ["progress", "completed"]
     assert await store.sweep(record.created + 1) == []
     assert [(e.id, e.name) for e in await collect(store, record.id, after=0)] == [(2, "completed")]
+
+
+async def test_a_job_keeps_where_to_announce_its_end_and_a_live_one_is_not_lost(
+    store: JobStore,
+) -> None:
+    record = await store.create(webhook_url="http://hooks.example/x", base_url="http://a:1/")
+    read = await store.get(record.id)
+    assert read is not None
+    assert (read.webhook_url, read.base_url) == ("http://hooks.example/x", "http://a:1/")
+    assert await store.fail_lost() == []
+
+
+async def test_a_lost_job_is_failed_once_however_many_replicas_scan(redis_url: str) -> None:
+    import redis.asyncio as redis
+
+    from stream.redis_state import RedisJobStore
+
+    clients = [redis.Redis.from_url(redis_url) for _ in range(3)]
+    prefix = f"test-{secrets.token_hex(4)}"
+    stores = [
+        RedisJobStore(client, buffer_size=3, retention_s=60, lease_s=0.05, prefix=prefix)
+        for client in clients
+    ]
+    record = await stores[0].create(webhook_url="http://hooks.example/x")
+    await anyio.sleep(0.2)  # its lease runs out: nobody renews it
+    found: list[list[JobRecord]] = []
+
+    async def scan(store: JobStore) -> None:
+        found.append(await store.fail_lost())
+
+    async with anyio.create_task_group() as group:
+        for store in stores:
+            group.start_soon(scan, store)
+    failed = [lost for each in found for lost in each]
+    assert [(lost.id, lost.status, lost.webhook_url) for lost in failed] == [
+        (record.id, "failed", "http://hooks.example/x")
+    ]
+    assert failed[0].error is not None and failed[0].error["code"] == "replica_failed"
+    assert await stores[0].fail_lost() == []  # no longer among the unfinished
+    for client in clients:
+        await client.aclose()

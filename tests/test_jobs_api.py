@@ -20,7 +20,7 @@ from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import FakeEngine
 from tests.images import encoded, noise_image
-from tests.servers import live_server, webhook_receiver
+from tests.servers import Delivery, live_server, webhook_receiver
 
 JOB = {"prompt": "a lighthouse", "size": "64x64", "partial_images": 2}
 
@@ -272,6 +272,31 @@ def test_webhook_gets_the_final_job_after_a_failed_attempt(tmp_path: Path) -> No
     assert bodies[1]["id"] == job["id"]
     assert bodies[1]["status"] == "completed"
     assert bodies[1]["result"]["data"][0]["url"].startswith(url)
+
+
+def wait_for_deliveries(deliveries: list[Delivery], count: int) -> None:
+    """Wait until `count` webhooks arrived, then a little longer, so that a duplicate would."""
+    deadline = time.monotonic() + 30
+    while len(deliveries) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+
+
+def test_webhook_of_a_job_cancelled_while_running_is_delivered_once(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, webhook_allowed_hosts=("127.0.0.1",))
+    engine = FakeEngine()
+    engine.release.clear()
+    with (
+        webhook_receiver([200]) as (hook, deliveries),
+        live_server(create_app(settings, engine)) as url,
+    ):
+        job = submit(url, {**JOB, "webhook_url": hook})
+        wait_for(url, job["id"], "in_progress")
+        assert httpx.delete(f"{url}/v1/images/jobs/{job['id']}").json()["status"] == "cancelled"
+        engine.release.set()
+        wait_for_deliveries(deliveries, 1)
+    assert [delivery.json()["status"] for delivery in deliveries] == ["cancelled"]
+    assert deliveries[0].json()["error"]["code"] == "cancelled"
 
 
 def test_edit_upload_as_a_job_streams_image_edit_events(fake_server: str) -> None:

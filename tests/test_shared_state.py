@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,8 +16,18 @@ from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import FakeEngine, picture
 from tests.redis_server import redis_server
-from tests.servers import live_server
-from tests.test_jobs_api import JOB, events_of, submit, wait_for
+from tests.servers import live_server, webhook_receiver
+from tests.test_jobs_api import JOB, events_of, submit, wait_for, wait_for_deliveries
+
+
+def replica_app(tmp_path: Path, name: str, url: str, engine: FakeEngine, **settings: Any) -> Any:
+    """Replica `name` of a cluster that shares the Redis at `url`; its own data folder."""
+    return create_app(
+        make_settings(
+            tmp_path / name, state_store="redis", redis_url=url, replica_name=name, **settings
+        ),
+        engine,
+    )
 
 
 @pytest.fixture
@@ -25,19 +36,7 @@ def replicas(tmp_path: Path) -> Iterator[tuple[str, str, FakeEngine, FakeEngine]
     with redis_server() as url, ExitStack() as stack:
         engines = FakeEngine(), FakeEngine()
         bases = [
-            stack.enter_context(
-                live_server(
-                    create_app(
-                        make_settings(
-                            tmp_path / name,
-                            state_store="redis",
-                            redis_url=url,
-                            replica_name=name,
-                        ),
-                        engine,
-                    )
-                )
-            )
+            stack.enter_context(live_server(replica_app(tmp_path, name, url, engine)))
             for name, engine in zip("AB", engines, strict=True)
         ]
         yield bases[0], bases[1], engines[0], engines[1]
@@ -134,16 +133,7 @@ def test_a_job_whose_replica_stopped_fails_for_those_watching_on_another(
         engine_a = FakeEngine()
         engine_a.release.clear()
         apps = [
-            create_app(
-                make_settings(
-                    tmp_path / name,
-                    state_store="redis",
-                    redis_url=url,
-                    replica_name=name,
-                    job_lease_s=0.5,
-                ),
-                engine,
-            )
+            replica_app(tmp_path, name, url, engine, job_lease_s=0.5)
             for name, engine in (("A", engine_a), ("B", FakeEngine()))
         ]
         with live_server(apps[1]) as b:
@@ -157,20 +147,62 @@ def test_a_job_whose_replica_stopped_fails_for_those_watching_on_another(
             assert [event.name for event in events][-1] == "failed"
 
 
+def test_a_job_whose_replica_stopped_still_gets_its_webhook_once(tmp_path: Path) -> None:
+    """B and C both scan for lost jobs; only the one whose append fails the job sends it."""
+    with redis_server() as url, webhook_receiver([200]) as (hook, deliveries), ExitStack() as stack:
+        engine_a = FakeEngine()
+        engine_a.release.clear()
+        apps = [
+            replica_app(
+                tmp_path, name, url, engine, job_lease_s=0.5, webhook_allowed_hosts=("127.0.0.1",)
+            )
+            for name, engine in (("A", engine_a), ("B", FakeEngine()), ("C", FakeEngine()))
+        ]
+        b, _ = (stack.enter_context(live_server(app)) for app in apps[1:])
+        with live_server(apps[0]) as a:
+            job = submit(a, {**JOB, "partial_images": 0, "webhook_url": hook})
+            wait_for(b, job["id"], "in_progress")
+        # A is gone without recording an outcome; its lease runs out.
+        wait_for_deliveries(deliveries, 1)
+        time.sleep(1)  # eight more scans by each of B and C
+    assert len(deliveries) == 1
+    body = deliveries[0].json()
+    assert (body["id"], body["status"]) == (job["id"], "failed")
+    assert body["error"]["code"] == "replica_failed"
+    assert body["events_url"] == job["events_url"]  # where its creator reached the server
+    assert deliveries[0].headers["webhook-id"] == job["id"]
+
+
+def test_cancel_through_another_replica_sends_the_webhook_once(
+    tmp_path: Path,
+) -> None:
+    with redis_server() as url, webhook_receiver([200]) as (hook, deliveries), ExitStack() as stack:
+        engine_a = FakeEngine()
+        engine_a.release.clear()
+        a, b = (
+            stack.enter_context(
+                live_server(
+                    replica_app(tmp_path, name, url, engine, webhook_allowed_hosts=("127.0.0.1",))
+                )
+            )
+            for name, engine in (("A", engine_a), ("B", FakeEngine()))
+        )
+        job = submit(a, {**JOB, "partial_images": 0, "webhook_url": hook})
+        wait_for(a, job["id"], "in_progress")
+        assert httpx.delete(f"{b}/v1/images/jobs/{job['id']}").json()["status"] == "cancelled"
+        engine_a.release.set()
+        wait_for(a, job["id"], "cancelled")
+        wait_for_deliveries(deliveries, 1)
+    assert [delivery.json()["status"] for delivery in deliveries] == ["cancelled"]
+
+
 def test_a_queued_job_cancelled_through_another_replica_leaves_its_queue(tmp_path: Path) -> None:
     with redis_server() as url, ExitStack() as stack:
         # No progress before a held result: the job waits on A as if queued.
         engine_a = FakeEngine(script=[Result(images=(picture((64, 64), 1),), seeds=(1,))])
         a, b = (
             stack.enter_context(
-                live_server(
-                    create_app(
-                        make_settings(
-                            tmp_path / name, state_store="redis", redis_url=url, job_lease_s=0.2
-                        ),
-                        engine,
-                    )
-                )
+                live_server(replica_app(tmp_path, name, url, engine, job_lease_s=0.2))
             )
             for name, engine in (("A", engine_a), ("B", FakeEngine()))
         )
