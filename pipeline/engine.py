@@ -88,6 +88,13 @@ class BatchRunner(Runner, Protocol):
         ...
 
 
+@runtime_checkable
+class LoraRunner(Protocol):
+    """A runner that keeps LoRAs loaded (see `pipeline.loras`)."""
+
+    def loaded_loras(self) -> frozenset[str]: ...
+
+
 def _call_shape(job: Job) -> Job:
     """`job` without what may differ between jobs of one call: per image, or per job."""
     return dataclasses.replace(job, prompt="", seeds=(), partial_images=0, safety_check=False)
@@ -96,7 +103,8 @@ def _call_shape(job: Job) -> Job:
 def shares_call(first: Job, other: Job) -> bool:
     """Whether `other` may run in the same pipeline call as `first`: both text-to-image,
     without pipeline keywords (some, like `prompt_2`, are per prompt), and alike in
-    everything but prompt, seeds, previews count and safety checking."""
+    everything but prompt, seeds, previews count and safety checking (so with the same
+    LoRAs at the same scales)."""
     return (
         first.edit is None
         and not first.pipeline_kwargs
@@ -181,7 +189,10 @@ class _Ticket:
         except TimeoutError:
             self._queue_deadline = None
             if self._engine._expire(self):
-                return QueueTimeout("the request waited too long in the queue")
+                return QueueTimeout(
+                    "the request waited too long in the queue",
+                    retry_after_s=self._engine._estimated_wait_s(self._engine.queued + 1),
+                )
             return await self._inbox.get()  # the worker took it at the deadline
 
 
@@ -212,7 +223,8 @@ class ThreadedEngine:
         self._condition = threading.Condition()
         self._accepting = True
         self._closing = False
-        self._mean_job_s = 5.0
+        # Measured only: no estimate is better than a made-up one.
+        self._mean_job_s: float | None = None
         self._thread = threading.Thread(target=self._work, name="fluxstream-engine", daemon=True)
         self._thread.start()
 
@@ -234,6 +246,11 @@ class ThreadedEngine:
         with self._condition:
             return EngineLoad(queued=len(self._pending), running=len(self._running))
 
+    def loaded_loras(self) -> frozenset[str]:
+        if isinstance(self._runner, LoraRunner):
+            return self._runner.loaded_loras()
+        return frozenset()
+
     def submit(self, job: Job) -> _Ticket:
         ticket = _Ticket(self, job, asyncio.get_running_loop(), self._max_queue_wait_s)
         with self._condition:
@@ -241,8 +258,12 @@ class ThreadedEngine:
                 raise EngineClosed("the server is shutting down")
             if len(self._pending) >= self._max_queued:
                 raise QueueFull(retry_after_s=self._estimated_wait_s(len(self._pending) + 1))
+            # An idle worker takes the job at once: telling its client it is queued, with a
+            # wait, would be false.
+            busy = bool(self._pending or self._running) or self._status == "warming"
             self._pending.append(ticket)
-            self._announce_position(ticket, len(self._pending))
+            if busy:
+                self._announce_position(ticket, len(self._pending))
             self._condition.notify_all()
         return ticket
 
@@ -266,8 +287,10 @@ class ThreadedEngine:
                 lambda: not self._pending and not self._running, timeout=timeout_s
             )
 
-    def _estimated_wait_s(self, position: int) -> float:
-        return self._mean_job_s * position
+    def _estimated_wait_s(self, position: int) -> float | None:
+        """How long a job at `position` may wait, from measured run times; None before
+        any job has finished."""
+        return None if self._mean_job_s is None else self._mean_job_s * position
 
     def _announce_position(self, ticket: _Ticket, position: int) -> None:
         ticket.deliver(Queued(position=position, estimated_wait_s=self._estimated_wait_s(position)))
@@ -382,7 +405,10 @@ class ThreadedEngine:
             outcomes = [JobFailed("the image could not be generated")] * len(batch)
         else:
             elapsed_per_job = (time.monotonic() - started) / len(batch)
-            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed_per_job
+            mean = self._mean_job_s
+            self._mean_job_s = (
+                elapsed_per_job if mean is None else 0.8 * mean + 0.2 * elapsed_per_job
+            )
         for ticket, outcome in zip(batch, outcomes, strict=True):
             ticket.finish(outcome)
 

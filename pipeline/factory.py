@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffusers import FluxPipeline
@@ -22,6 +23,7 @@ from pipeline.loading import (
     read_pipeline,
     resolve_device,
 )
+from pipeline.loras import BLANK, LoraBranches, LoraManager, LoraSlot, LoraTarget
 from pipeline.preview_cache import cached_linear_decoder
 from pipeline.previews import AutoencoderPreviewDecoder, LinearPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
@@ -73,15 +75,26 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     linear = cached_linear_decoder(pipe.vae, spec.cache_dir)
     applied = place_pipeline(pipe, spec)
     decoders = preview_decoders(pipe, spec, linear)
+    loras = None
+    if spec.loras is not None:
+        target: LoraTarget = (
+            LoraSlot.of(pipe.transformer)
+            if runs_compiled(applied)
+            else LoraBranches.of(pipe.transformer)
+        )
+        loras = LoraManager(target, spec.loras)
     runner = FluxRunner(
         pipe,
         dataclasses.replace(
             model_profile(spec.model, pipe, applied),
             preview_decoders=tuple(decoders),
             auto_preview=auto_preview(spec),
+            loras=loras is not None,
+            lora_max_rank=None if loras is None else loras.max_rank,
         ),
         decoders,
         kontext=is_kontext_model(spec),
+        loras=loras,
     )
     return runner if checker is None else runner.with_safety_checker(checker)
 
@@ -93,7 +106,9 @@ def warmup_jobs(profile: ModelProfile, size: tuple[int, int]) -> tuple[Job, ...]
     A compiled model also runs a short request of two images at once, since compiled
     graphs specialise a batch of one. After it no request compiles, whatever its size, `n`
     or acceleration: the first-block cache's hooks run eagerly around the compiled blocks
-    (`pipeline.speedups.compile_blocks`), so they need no warm-up of their own.
+    (`pipeline.speedups.compile_blocks`), so they need no warm-up of their own. With
+    LoRAs, the same requests run again with the slot on (the blank LoRA), the blocks' other
+    variant, so that switching LoRAs compiles nothing either.
     """
     default = Job(
         prompt="warm-up",
@@ -107,7 +122,10 @@ def warmup_jobs(profile: ModelProfile, size: tuple[int, int]) -> tuple[Job, ...]
     if not runs_compiled(profile.speedups):
         return (default,)
     pair = dataclasses.replace(default, num_inference_steps=4, seeds=(0, 1), partial_images=0)
-    return (default, pair)
+    if not profile.loras:
+        return (default, pair)
+    with_lora = tuple(dataclasses.replace(job, loras=(BLANK,)) for job in (default, pair))
+    return (default, pair, *with_lora)
 
 
 def create_flux_engine(
@@ -120,7 +138,14 @@ def create_flux_engine(
     max_run_s: float | None = None,
     max_batch_size: int = 1,
 ) -> ThreadedEngine:
-    runner = create_flux_runner(spec, safety)
+    """The runner is made in a thread that ends once it is made, so that the engine's
+    worker is the only thread left that ever ran torch: GNU OpenMP (torch's CPU builds)
+    keeps a team of threads for each thread that ran parallel torch code, and once those
+    outnumber the cores it stops spinning between parallel regions. The worker then slept
+    and woke around every operator: a 256x256 image took 380 ms in it against 176 ms in the
+    thread that loaded the model (`bench.stream_overhead` measures the difference)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxstream-load") as loader:
+        runner = loader.submit(create_flux_runner, spec, safety).result()
     return ThreadedEngine(
         runner,
         max_queued=max_queued,

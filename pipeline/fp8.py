@@ -63,6 +63,12 @@ def quantizable(module: nn.Module) -> TypeGuard[nn.Linear]:
     )
 
 
+def _is_adapter(name: str) -> bool:
+    """A LoRA slot's own A and B layers (pipeline.loras) stay in the model's dtype: the
+    low-rank branch runs unmerged beside the fp8 base layer it wraps."""
+    return "lora_" in name
+
+
 def _blocks(model: nn.Module, block_lists: tuple[str, ...]) -> list[nn.Module]:
     """Only the repeated transformer blocks are quantized: embeddings, norms and the final
     projection stay in the model's dtype, where precision matters most and time least."""
@@ -74,7 +80,7 @@ def quantize_blocks_fp8(model: nn.Module, block_lists: tuple[str, ...]) -> int:
     swapped = 0
     for block in _blocks(model, block_lists):
         for name, child in list(block.named_modules()):
-            if quantizable(child):
+            if quantizable(child) and not _is_adapter(name):
                 parent_name, _, attribute = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attribute, Float8RowwiseLinear(child))
@@ -94,8 +100,14 @@ def quantize_blocks_torchao(model: nn.Module, block_lists: tuple[str, ...]) -> i
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     swapped = 0
     for block in _blocks(model, block_lists):
-        swapped += sum(map(quantizable, block.modules()))
-        quantize_(block, config, filter_fn=lambda module, _name: quantizable(module))
+        swapped += sum(
+            quantizable(module) and not _is_adapter(name) for name, module in block.named_modules()
+        )
+        quantize_(
+            block,
+            config,
+            filter_fn=lambda module, name: quantizable(module) and not _is_adapter(name),
+        )
     return swapped
 
 

@@ -31,6 +31,29 @@ class EditInputs:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a job. `name` is what the request called it (and what is echoed back);
+    `file` the safetensors file the HTTP side checked, inside the server's LoRA folder;
+    `version` its (size, mtime_ns), so that a file replaced on disk is read again. The file
+    "" is the warm-up's blank LoRA: the LoRA branch switched on with zero weights."""
+
+    name: str
+    file: str
+    scale: float = 1.0
+    version: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA that ran, as the response echoes it; `not_applied` names the parts of its
+    file that were not (a text encoder's: only the transformer takes LoRAs here)."""
+
+    name: str
+    scale: float
+    not_applied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Job:
     """One pipeline call, fully resolved: no defaults are left for the engine to guess.
 
@@ -52,6 +75,8 @@ class Job:
     go_fast: bool = False
     safety_check: bool = False
     edit: EditInputs | None = None
+    # Active for this job only, in this order; jobs share a call only with the same LoRAs.
+    loras: tuple[LoraRef, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -60,10 +85,12 @@ class Job:
 
 @dataclass(frozen=True)
 class Queued:
-    """The job waits behind `position - 1` others (1 = next); sent on submit and on change."""
+    """The job waits behind `position - 1` others (1 = next); sent on submit when the
+    worker is busy, and on change. `estimated_wait_s` comes from the run times measured so
+    far, so it is None until a job has finished."""
 
     position: int
-    estimated_wait_s: float
+    estimated_wait_s: float | None
 
 
 @dataclass(frozen=True)
@@ -105,6 +132,7 @@ class Result:
     acceleration: Acceleration = "none"
     speedup: str = "none"
     filtered: int = 0
+    loras: tuple[AppliedLora, ...] = ()
 
 
 Event = Queued | Started | Progress | Preview | Result
@@ -115,9 +143,10 @@ class EngineError(Exception):
 
 
 class QueueFull(EngineError):
-    """The engine's queue is at capacity; the caller should retry later."""
+    """The engine's queue is at capacity; the caller should retry after `retry_after_s`
+    (None: no job has finished yet to estimate it from)."""
 
-    def __init__(self, retry_after_s: float) -> None:
+    def __init__(self, retry_after_s: float | None) -> None:
         super().__init__("the engine queue is full")
         self.retry_after_s = retry_after_s
 
@@ -143,8 +172,19 @@ class JobRejected(EngineError):
     passed-through keyword out of its range); the message is safe to show users."""
 
 
+class InvalidLora(JobRejected):
+    """A LoRA of the job could not be loaded or does not fit the model (a corrupt file, a
+    LoRA for another model, a rank past the compiled slot's); the message is safe to show
+    users and names the LoRA as the request did."""
+
+
 class QueueTimeout(EngineError):
-    """The job waited in the queue longer than the server allows, and never ran."""
+    """The job waited in the queue longer than the server allows, and never ran; a new job
+    would wait about `retry_after_s` (None: unknown, as for `QueueFull`)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class JobTimedOut(EngineError):
@@ -189,6 +229,10 @@ class ModelProfile:
     max_sequence_length: int | None = None
     # Prompts the demo page offers a newcomer: what this model draws well.
     example_prompts: tuple[str, ...] = ()
+    # Whether the model takes per-request LoRAs, and the largest rank (summed over one
+    # request's LoRAs) a compiled model's LoRA slot holds; None: no limit.
+    loras: bool = False
+    lora_max_rank: int | None = None
 
 
 EngineStatus = Literal["warming", "ok", "failed", "draining", "closed"]
@@ -209,6 +253,10 @@ class ImageEngine(Protocol):
         ...
 
     def load(self) -> EngineLoad: ...
+
+    def loaded_loras(self) -> frozenset[str]:
+        """The LoRA files (`LoraRef.file`) loaded and cached right now."""
+        ...
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop taking jobs at once; give accepted jobs `grace_s` seconds to finish, then

@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 from pipeline import embedded
 from pipeline.embedded import ensure_embedded_model
 from pipeline.jobs import ModelProfile
+from pipeline.loras import LoraSlot, LoraSpec
 from pipeline.speedups import SpeedupError, Speedups, apply_speedups
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ModelSpec:
     offload: Literal["none", "model", "sequential"] = "none"
     speedups: Speedups = field(default_factory=Speedups)
     tiny_vae: Path | None = None
+    # Per-request LoRAs (`--lora-dir`); None: the model takes none.
+    loras: LoraSpec | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -213,6 +216,8 @@ def place_pipeline(pipe: FluxPipeline, spec: ModelSpec) -> tuple[str, ...]:
     device = resolve_device(spec.device)
     speedups = startup_speedups(spec)
     _place(pipe, spec, device)
+    if spec.loras is not None and speedups.compiles(device):
+        LoraSlot.inject(pipe, spec.loras.max_rank)  # before fp8 and compile: pipeline.loras
     try:
         return apply_speedups(pipe, speedups, device, spec.cache_dir)
     except SpeedupError as error:
@@ -227,12 +232,31 @@ def startup_speedups(spec: ModelSpec) -> Speedups:
     speedups = spec.speedups
     if spec.offload != "none" and speedups.compile == "auto":
         speedups = dataclasses.replace(speedups, compile="off")
+    if spec.loras is not None:
+        speedups = _lora_speedups(spec, speedups)
     if spec.offload != "sequential":
         return speedups
     if speedups.fuse_qkv == "on" or speedups.quantize != "none":
         raise ModelLoadError(
             "--offload sequential cannot be combined with --fuse-qkv on or --quantize: it "
             "keeps the weights on the meta device; use --offload model for those"
+        )
+    return dataclasses.replace(speedups, fuse_qkv="off")
+
+
+def _lora_speedups(spec: ModelSpec, speedups: Speedups) -> Speedups:
+    """LoRAs target Q, K and V apart; with fused QKV, attention reads `to_qkv` only and
+    their Q/K/V parts would be silently lost, so `auto` leaves QKV unfused with LoRAs. The
+    slot cannot wrap weights that sequential offload keeps on the meta device."""
+    if speedups.fuse_qkv == "on":
+        raise ModelLoadError(
+            "--fuse-qkv on cannot be combined with --lora-dir: attention would read the fused "
+            "projection and lose the LoRAs' Q/K/V parts; use --fuse-qkv auto or off"
+        )
+    if spec.offload == "sequential":
+        raise ModelLoadError(
+            "--offload sequential cannot be combined with --lora-dir: it keeps the weights "
+            "on the meta device; use --offload model"
         )
     return dataclasses.replace(speedups, fuse_qkv="off")
 

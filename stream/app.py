@@ -36,6 +36,7 @@ from stream.image_inputs import decode_upload
 from stream.images import MEDIA_TYPES
 from stream.job_service import JobService
 from stream.limits import BodyLimitMiddleware
+from stream.loras import LoraFolder
 from stream.metrics import Metrics, MetricsMiddleware
 from stream.openapi import Operation, openapi_document
 from stream.params import (
@@ -165,6 +166,14 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
             raise NotFound(f"the model {model_id!r} does not exist", code="model_not_found")
         return JSONResponse(_model_card(model_id, engine.profile.example_prompts))
 
+    async def loras(request: Request) -> Response:
+        """The LoRAs a request may name; none without --lora-dir."""
+        data: list[dict[str, object]] = []
+        if settings.lora_dir is not None:
+            folder = LoraFolder(settings.lora_dir, settings.lora_max_bytes)
+            data = await anyio.to_thread.run_sync(folder.listing, engine.loaded_loras())
+        return JSONResponse({"object": "list", "data": data})
+
     async def unknown_route(request: Request) -> Response:
         """As OpenAI answers any method and path it lacks; without this route a POST would
         fall through to the demo page's static files, which answer 405."""
@@ -231,6 +240,12 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
         Operation("GET", "/v1/models/{model}", "one model id, with its example_prompts"),
         Operation(
             "GET",
+            "/v1/loras",
+            "the LoRAs requests may name in `loras`: id (the name to send), size_bytes, rank, "
+            "valid, loaded; an empty list without --lora-dir",
+        ),
+        Operation(
+            "GET",
             "/health",
             "readiness; 503 while warming up or draining",
             unavailable=True,
@@ -263,6 +278,7 @@ def create_app(settings: Settings, engine: ImageEngine) -> Starlette:
         Route("/v1/images/files/{name}", result_file, methods=["GET", "HEAD"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/loras", loras, methods=["GET"]),
         Route("/v1/{path:path}", unknown_route, methods=ANY_METHOD),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),

@@ -43,6 +43,8 @@ def build_engine(settings: Settings) -> ImageEngine:
     """Load the model and its checker as `settings` say; raises `StartupError`."""
     if settings.preview_decoder == "tiny" and settings.preview_tiny_vae is None:
         raise StartupError("--preview-decoder tiny needs --preview-tiny-vae")
+    if settings.lora_dir is not None and not settings.lora_dir.is_dir():
+        raise StartupError(f"--lora-dir {settings.lora_dir} is not a folder")
     # transformers announces at import time that torchvision is missing; it is not needed.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -53,6 +55,7 @@ def build_engine(settings: Settings) -> ImageEngine:
         ) from None
     from pipeline.factory import create_flux_engine
     from pipeline.loading import ModelLoadError, ModelSpec
+    from pipeline.loras import LoraSpec
     from pipeline.safety import SafetyCheckerLoadError, SafetySpec
     from pipeline.speedups import Speedups
 
@@ -70,6 +73,13 @@ def build_engine(settings: Settings) -> ImageEngine:
             attention_backend=settings.attention_backend,
         ),
         tiny_vae=settings.preview_tiny_vae,
+        loras=None
+        if settings.lora_dir is None
+        else LoraSpec(
+            cache=settings.lora_cache,
+            max_rank=settings.lora_max_rank,
+            max_bytes=settings.lora_max_bytes,
+        ),
     )
     safety = (
         SafetySpec(
@@ -111,12 +121,15 @@ def settings_problems(error: ValidationError) -> str:
 
 
 def unparsed_variable(error: SettingsError) -> str:
-    """pydantic-settings reads a list variable as JSON and raises, with a traceback, for
-    anything else; this says which variable, without its value."""
+    """A list variable that is empty or broken JSON makes pydantic-settings raise, with a
+    traceback; this says which variable and what it takes, without its value."""
     found = re.search(r'field "(\w+)"', str(error))
     if found is None:
         return str(error)
-    return f'FLUXSTREAM_{found[1].upper()} must be JSON here, such as \'["a", "b"]\''
+    return (
+        f"FLUXSTREAM_{found[1].upper()} is not a list: give comma-separated values (a,b) "
+        """or JSON ('["a", "b"]', '[]' for none)"""
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

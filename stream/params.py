@@ -11,6 +11,7 @@ the edits endpoint subclasses `ImageGenerationRequest` and calls `plan_generatio
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -18,8 +19,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from pipeline.jobs import Acceleration, EditInputs, Job, ModelProfile
+from pipeline.jobs import Acceleration, EditInputs, Job, LoraRef, ModelProfile
 from stream.errors import InvalidRequest, NotFound
+from stream.loras import LoraFolder
 from stream.passthrough import split_extras
 from stream.settings import Settings
 from stream.sizes import SizeRequest, generation_size, resolve_size
@@ -66,6 +68,27 @@ def _not_a_boolean(value: object) -> object:
 
 Integer = Annotated[int, BeforeValidator(_not_a_boolean)]
 Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+
+
+def _json_text(value: object) -> object:
+    """A multipart form sends `loras` as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise PydanticCustomError("json_invalid", "Input should be a JSON list") from None
+    return value
+
+
+class LoraItem(BaseModel):
+    """fal's form of one LoRA: a file or folder inside the server's `--lora-dir`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a LoRA's name, as GET /v1/loras lists it")
+    scale: Number | None = Field(None, ge=-4, le=4, description="its weight (default 1)")
+
+
 _R = TypeVar("_R", bound="ImageGenerationRequest")
 
 
@@ -106,6 +129,13 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(None, description="deprecated end-user id: safety_identifier")
     safety_identifier: str | None = Field(None, description="end-user id; echoed, not used")
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted; no effect")
+    loras: Annotated[list[LoraItem] | None, BeforeValidator(_json_text)] = Field(
+        None, description="LoRAs from the server's --lora-dir, with scales (fal's form)"
+    )
+    lora_weights: str | None = Field(None, description="Replicate's LoRA: added to loras")
+    lora_scale: Number | None = Field(None, ge=-1, le=3, description="lora_weights' scale")
+    extra_lora: str | None = Field(None, description="Replicate's second LoRA")
+    extra_lora_scale: Number | None = Field(None, ge=-1, le=3, description="extra_lora's scale")
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -194,6 +224,7 @@ def plan_generation(
     width, height = generation_size(*size)
     first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     extras = split_extras(request.model_extra or {}, profile.pipeline_parameters)
+    loras, unused = plan_loras(request, settings, profile)
     for name, value in extras.pipeline_kwargs.items():
         if isinstance(value, str):  # prompt_2, negative_prompt: tokenized like the prompt
             _check_text_length(value, name, settings)
@@ -211,6 +242,7 @@ def plan_generation(
         go_fast=bool(request.go_fast),
         safety_check=safety_check(request, settings, profile),
         preview_decoder=_preview_decoder(request.preview, settings, profile),
+        loras=loras,
     )
     return ImagePlan(
         job=job,
@@ -223,9 +255,56 @@ def plan_generation(
         partial_images=job.partial_images,
         sync_mode=bool(request.sync_mode),
         quality_name=quality_name,
-        ignored_parameters=extras.ignored,
+        ignored_parameters=tuple(sorted((*extras.ignored, *unused))),
         safety_identifier=request.safety_identifier or request.user or None,
     )
+
+
+def plan_loras(
+    request: ImageGenerationRequest, settings: Settings, profile: ModelProfile
+) -> tuple[tuple[LoraRef, ...], tuple[str, ...]]:
+    """The request's LoRAs as one list: `loras` (fal), then `lora_weights` and `extra_lora`
+    (Replicate, converted), each checked in the LoRA folder; and the scale fields given
+    without their LoRA, which are reported as ignored."""
+    asked = [
+        (item.path, item.scale, f"loras.{i}.path") for i, item in enumerate(request.loras or [])
+    ]
+    unused = []
+    for name, scale, param, scale_param in (
+        (request.lora_weights, request.lora_scale, "lora_weights", "lora_scale"),
+        (request.extra_lora, request.extra_lora_scale, "extra_lora", "extra_lora_scale"),
+    ):
+        if name is not None:
+            asked.append((name, scale, param))
+        elif scale is not None:
+            unused.append(scale_param)
+    if settings.lora_dir is None:
+        if asked or unused:
+            param = asked[0][2].split(".")[0] if asked else unused[0]
+            raise InvalidRequest(
+                "this server has no LoRAs (it was started without --lora-dir)",
+                param=param,
+                code="loras_not_supported",
+            )
+        return (), ()
+    if len(asked) > settings.lora_cache:
+        raise InvalidRequest(
+            f"at most {settings.lora_cache} LoRAs per request; got {len(asked)}", param="loras"
+        )
+    folder = LoraFolder(settings.lora_dir, settings.lora_max_bytes)
+    refs = []
+    for name, scale, param in asked:
+        found = folder.resolve(name, param)
+        if profile.lora_max_rank is not None and (found.rank or 0) > profile.lora_max_rank:
+            raise InvalidRequest(
+                f"the LoRA {name!r} has rank {found.rank}; this compiled server's LoRAs may "
+                f"have rank {profile.lora_max_rank} at most (--lora-max-rank)",
+                param=param,
+                code="invalid_lora",
+            )
+        version = (found.size, found.mtime_ns)
+        refs.append(LoraRef(name, str(found.path), 1.0 if scale is None else scale, version))
+    return tuple(refs), tuple(unused)
 
 
 def _steps(

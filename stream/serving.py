@@ -12,7 +12,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
-from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -22,6 +21,7 @@ from pipeline.jobs import (
     EngineError,
     Event,
     ImageEngine,
+    InvalidLora,
     JobFailed,
     JobHandle,
     JobRejected,
@@ -29,6 +29,7 @@ from pipeline.jobs import (
     Preview,
     Queued,
     QueueFull,
+    QueueTimeout,
     Result,
 )
 from stream import sse
@@ -38,6 +39,7 @@ from stream.errors import (
     RateLimited,
     ServerError,
     ServiceUnavailable,
+    retry_after,
 )
 from stream.images import MEDIA_TYPES, encode_all, encode_async, to_b64
 from stream.metrics import Metrics
@@ -95,15 +97,13 @@ class ImageService:
         plan: ImagePlan,
         kind: str,
         base_url: str,
-    ) -> AsyncIterator[ServerSentEvent]:
-        """While queued, `: queued position=N` comments; then the OpenAI frames."""
+    ) -> AsyncIterator[sse.Frame]:
+        """While queued, `: queued position=N estimated_wait_s=S` comments (no estimate
+        before a job has been timed); then the OpenAI frames."""
         try:
             async for event in events:
                 if isinstance(event, Queued):
-                    yield sse.comment(
-                        f"queued position={event.position} "
-                        f"estimated_wait_s={round(event.estimated_wait_s)}"
-                    )
+                    yield sse.comment(_queued_text(event))
                 elif isinstance(event, Preview):
                     yield sse.event_frame(await self.partial_payload(event, plan, kind))
                 elif isinstance(event, Result):
@@ -204,6 +204,12 @@ class ImageService:
         }
 
 
+def _queued_text(event: Queued) -> str:
+    if event.estimated_wait_s is None:
+        return f"queued position={event.position}"
+    return f"queued position={event.position} estimated_wait_s={round(event.estimated_wait_s)}"
+
+
 def _end_user(plan: ImagePlan) -> dict[str, Any]:
     """OpenAI echoes the request's `safety_identifier` (else its deprecated `user`) on the
     response and the completed event; the SDKs type it there. Absent when neither was sent."""
@@ -214,10 +220,17 @@ def _end_user(plan: ImagePlan) -> dict[str, Any]:
 
 def _applied(result: Result, plan: ImagePlan) -> dict[str, Any]:
     """What the server did beyond OpenAI's fields: the speed-up that ran, images the safety
-    checker withheld, and request fields that were not used."""
+    checker withheld, the LoRAs that ran (with any part of their files that did not), and
+    request fields that were not used."""
     applied: dict[str, Any] = {"acceleration": result.acceleration, "speedup": result.speedup}
     if plan.job.safety_check:
         applied["filtered_images"] = result.filtered
+    if plan.job.loras:
+        applied["loras"] = [
+            {"path": lora.name, "scale": lora.scale}
+            | ({"not_applied": list(lora.not_applied)} if lora.not_applied else {})
+            for lora in result.loras
+        ]
     applied["ignored_parameters"] = list(plan.ignored_parameters)
     return applied
 
@@ -229,6 +242,8 @@ def refusal(error: ContentFiltered | JobRejected, plan: ImagePlan) -> APIError:
             "every generated image was flagged by the safety checker and withheld",
             code="content_policy_violation",
         )
+    if isinstance(error, InvalidLora):
+        return InvalidRequest(str(error), param="loras", code="invalid_lora")
     names = sorted(plan.job.pipeline_kwargs)
     return InvalidRequest(str(error), param=names[0] if len(names) == 1 else None)
 
@@ -290,6 +305,10 @@ def _plain_error(error: EngineError | None, plan: ImagePlan) -> APIError:
         return ServerError(str(error))
     if error is None:
         return ServiceUnavailable("the job was cancelled before it finished", code="cancelled")
+    if isinstance(error, QueueTimeout):
+        return ServiceUnavailable(
+            str(error), code=OUTCOMES[QueueTimeout], headers=retry_after(error.retry_after_s)
+        )
     if isinstance(error, JobTimedOut):
         # The same job would only time out again: the SDKs must not rerun it.
         return ServiceUnavailable(

@@ -11,14 +11,39 @@ import binascii
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 _DEFAULT_CACHE = Path.home() / ".cache" / "fluxstream"
 # Never echoed in an error message or a log line (a Redis url may hold a password).
 SECRET_SETTINGS = frozenset({"api_keys", "webhook_secret", "redis_url"})
+
+
+class ListVariables(EnvSettingsSource):
+    """`FLUXSTREAM_*` variables, where a list may also be plain comma-separated text.
+
+    pydantic-settings reads a list variable as JSON only, so `FLUXSTREAM_API_KEYS=sk-one`
+    stopped start-up; people write lists in variables as `a` or `a,b`. Text that starts
+    with `[` is still JSON. An empty variable is refused rather than read as no items: an
+    unset `${KEYS}` in a compose file must not quietly turn API keys off.
+    """
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        text = str(value).strip()
+        if text.startswith("["):
+            return super().decode_complex_value(field_name, field, value)
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise ValueError(f"{field_name} is empty")
+        return items
 
 
 def hostname_pid() -> str:
@@ -32,8 +57,9 @@ class Settings(BaseSettings):
         json_schema_extra={
             "description": "An OpenAI-compatible FLUX image server that streams previews.\n"
             "Every flag is also the environment variable shown after it; flags win.\n"
-            "Optional limits take null for none. Lists are repeated flags, or JSON in a\n"
-            """variable: FLUXSTREAM_API_KEYS='["sk-a", "sk-b"]'."""
+            "Optional limits take null for none. Lists are repeated flags; a list variable\n"
+            "is comma-separated or JSON: FLUXSTREAM_API_KEYS=sk-a,sk-b or\n"
+            """FLUXSTREAM_API_KEYS='["sk-a", "sk-b"]' ('[]' for none)."""
         },
         env_prefix="FLUXSTREAM_",
         frozen=True,
@@ -130,6 +156,24 @@ class Settings(BaseSettings):
     preview_tiny_vae: Path | None = Field(
         None, description="local diffusers folder of a tiny VAE (TAEF1) for preview 'tiny'"
     )
+    lora_dir: Path | None = Field(
+        None,
+        description="folder of LoRA files (.safetensors) that requests may name in 'loras'; "
+        "none: LoRA fields are refused",
+    )
+    lora_cache: int = Field(
+        4,
+        ge=1,
+        description="LoRAs kept loaded (least recently used dropped); also the most "
+        "one request may name",
+    )
+    lora_max_rank: int = Field(
+        64,
+        ge=1,
+        description="compiled model: the rank its LoRA slot holds, summed over one request's "
+        "LoRAs (switching LoRAs never recompiles)",
+    )
+    lora_max_bytes: int = Field(2 * 2**30, ge=1, description="largest LoRA file read, in bytes")
     keepalive_s: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
     sweep_interval_s: float = Field(
         60.0, gt=0, description="seconds between sweeps of expired files and jobs"
@@ -208,6 +252,18 @@ class Settings(BaseSettings):
     autoscale_target_ongoing: float = Field(
         2.0, gt=0, description="serve-cluster: ongoing requests per replica to aim for"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, with list variables read by `ListVariables`."""
+        return init_settings, ListVariables(settings_cls), dotenv_settings, file_secret_settings
 
     @property
     def model_ids(self) -> tuple[str, ...]:

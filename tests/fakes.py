@@ -118,6 +118,9 @@ class FakeEngine:
     def load(self) -> EngineLoad:
         return EngineLoad(queued=0, running=0)
 
+    def loaded_loras(self) -> frozenset[str]:
+        return frozenset()
+
     def submit(self, job: Job) -> FakeHandle:
         if self.full:
             raise QueueFull(retry_after_s=7.2)

@@ -100,8 +100,8 @@ def test_pipeline_keywords_reach_the_pipeline(server: str) -> None:
     negative = generate(server, seed=5, negative_prompt="a dog", true_cfg_scale="4")
     assert negative["ignored_parameters"] == []
     assert plain["data"][0]["b64_json"] != negative["data"][0]["b64_json"]
-    short = generate(server, seed=5, max_sequence_length=8, lora_scale=0.5, upscale="2x")
-    assert short["ignored_parameters"] == ["lora_scale", "upscale"]
+    short = generate(server, seed=5, max_sequence_length=8, raw=0.5, upscale="2x")
+    assert short["ignored_parameters"] == ["raw", "upscale"]
 
 
 def test_out_of_range_pipeline_keyword_is_a_400_naming_it(server: str) -> None:

@@ -141,14 +141,14 @@ def test_scalar_pipeline_keywords_pass_through_and_the_rest_is_reported(
         "callback_on_step_end": "x",
         "prompt_embeds": 1,
         "max_sequence_length": [1, 2],
-        "loras": "a.safetensors",
+        "controlnets": "canny.safetensors",
     }
     result = plan(body, settings)
     assert result.job.pipeline_kwargs == {"negative_prompt": "blur", "true_cfg_scale": 4.0}
     assert result.ignored_parameters == (
         "callback_on_step_end",
+        "controlnets",
         "latents",
-        "loras",
         "max_sequence_length",
         "output_type",
         "prompt_embeds",

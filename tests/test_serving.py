@@ -112,9 +112,9 @@ def test_urls_use_the_public_base_and_expire_with_the_file_gone_from_disk(
 def test_unknown_parameters_are_listed_in_the_json_body(
     fake_server: str, fake_engine: FakeEngine
 ) -> None:
-    body = {"prompt": "x", "size": "64x64", "loras": ["a"], "negative_prompt": "blur"}
+    body = {"prompt": "x", "size": "64x64", "controlnets": ["a"], "negative_prompt": "blur"}
     response = post(fake_server, body).json()
-    assert response["ignored_parameters"] == ["loras"]
+    assert response["ignored_parameters"] == ["controlnets"]
     assert fake_engine.jobs[0].pipeline_kwargs == {"negative_prompt": "blur"}
 
 
