@@ -4,7 +4,6 @@ FLUX for img2img and inpainting, its Kontext-shaped twin for reference editing).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,6 @@ SIZE = (128, 96)
 PICTURE = noise_image(SIZE, seed=3)
 PNG = encoded(PICTURE)
 FAST = {"num_inference_steps": 4, "seed": 5}
-NODE_TESTS = Path(__file__).parent / "node"
 
 
 @pytest.fixture(scope="module")
@@ -281,27 +279,6 @@ def test_kontext_inpainting_keeps_the_unmasked_pixels(kontext_server: str) -> No
     mask = encoded(hole_mask(SIZE, (0, 0, 64, 48)))
     output = only_image(edit(kontext_server, mask=("mask.png", mask, "image/png")))
     assert np.abs(output[48:] - pixels(PICTURE)[48:]).max() <= 2
-
-
-@pytest.fixture(scope="module")
-def node_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with tests/node and the pinned `openai` package installed by npm."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed: the Node SDK test needs them")
-    folder = tmp_path_factory.mktemp("node-sdk")
-    for name in ("package.json", "edits.mjs"):
-        shutil.copy(NODE_TESTS / name, folder / name)
-    try:
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=folder,
-            check=True,
-            capture_output=True,
-            timeout=240,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as failure:
-        pytest.skip(f"npm install of the openai Node SDK failed (no registry?): {failure}")
-    return folder
 
 
 def test_node_sdk_edits_with_one_image_a_list_a_mask_and_a_stream(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -254,3 +255,16 @@ def test_concurrent_requests_with_different_loras_each_get_their_own_image(
         # Batched CPU kernels round differently (as for n > 1); alone is exact.
         assert np.abs(got - solo).max() <= (2 if loras == a else 0)
     assert np.abs(images[0] - images[2]).mean() > 5
+
+
+def test_the_node_sdk_sends_loras_and_reads_what_ran(node_sdk: Path, open_server: str) -> None:
+    run = subprocess.run(
+        ["node", "loras.mjs", f"{open_server}/v1"],
+        cwd=node_sdk,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    loras = [{"path": "a.safetensors", "scale": 0.8}]
+    assert json.loads(run.stdout) == {"plain": loras, "streamed": loras, "same": True}
