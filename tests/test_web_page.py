@@ -22,6 +22,7 @@ from pipeline.engine import Emit, StopRequested, ThreadedEngine
 from pipeline.factory import create_flux_runner
 from pipeline.jobs import Event, Job, ModelProfile, Preview, Result
 from pipeline.loading import ModelSpec
+from pipeline.loras import LoraSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
 from stream.errors import error_body
@@ -465,3 +466,34 @@ def test_every_control_shapes_the_request_it_sends(page: Page, held_runner: Held
     assert second["seed"] != 42 and str(second["seed"]) == page.input_value("#seed")
     assert "num_inference_steps" not in second and second["resolution"] == "0.5K"
     expect(page.locator("#step-label")).to_contain_text(f"seed {second['seed']}")
+
+
+def test_with_a_lora_folder_the_page_offers_a_lora_picker_and_sends_the_chosen_ones(
+    browser: Browser, page_server: str, model_cache: Path, tmp_path: Path
+) -> None:
+    context = browser.new_context()
+    plain = context.new_page()
+    plain.goto(page_server)
+    expect(examples(plain)).to_have_count(EXAMPLES_SHOWN)
+    expect(plain.locator("#lora-box")).to_be_hidden()
+    folder = Path(__file__).parent.parent / "examples" / "loras"
+    settings = make_settings(tmp_path, max_pixels=256 * 256, lora_dir=folder)
+    runner = create_flux_runner(ModelSpec(cache_dir=model_cache, loras=LoraSpec()))
+    with live_server(create_app(settings, ThreadedEngine(runner, max_queued=4))) as url:
+        page = context.new_page()
+        posts = job_posts(page)
+        page.goto(url)
+        expect(page.locator("#loras .lora")).to_have_count(2)
+        page.get_by_label("pastel", exact=True).check()
+        page.get_by_label("pastel scale").fill("0.5")
+        start(page, "a red circle on a blue background")
+        page.wait_for_selector('#preview[data-kind="final"]')
+        expect(page.locator("#gallery .card .facts")).to_contain_text("pastel ×0.5")
+        page.get_by_label("pastel", exact=True).uncheck()
+        page.get_by_label("outline", exact=True).check()
+        page.locator("#gallery .card .reuse").click()
+        expect(page.get_by_label("pastel", exact=True)).to_be_checked()
+        expect(page.get_by_label("pastel scale")).to_have_value("0.5")
+        expect(page.get_by_label("outline", exact=True)).not_to_be_checked()
+    context.close()
+    assert json.loads(posts[0])["loras"] == [{"path": "pastel.safetensors", "scale": 0.5}]

@@ -271,6 +271,7 @@ function galleryEntry(snapshot, current) {
     steps: (snapshot.progress && snapshot.progress.total_steps) || (current && current.totalSteps),
     aspect: settings.aspect,
     resolution: settings.resolution,
+    loras: settings.loras || [],
   };
 }
 
@@ -308,7 +309,8 @@ function card(entry) {
   node.querySelector(".prompt").textContent = entry.prompt;
   node.querySelector(".prompt").title = entry.prompt;
   const steps = entry.steps ? ` · ${entry.steps} steps` : "";
-  node.querySelector(".facts").textContent = `seed ${entry.seed} · ${entry.size}${steps}`;
+  const loras = (entry.loras || []).map((lora) => ` · ${loraLabel(lora.path)} ×${lora.scale}`).join("");
+  node.querySelector(".facts").textContent = `seed ${entry.seed} · ${entry.size}${steps}${loras}`;
   const download = node.querySelector(".download");
   download.href = entry.src;
   download.download = `fluxstream-${entry.seed}.${entry.format || "png"}`;
@@ -323,6 +325,7 @@ function reuse(entry) {
   if (entry.steps) setSteps(entry.steps);
   const aspect = document.querySelector(`input[name="aspect"][value="${entry.aspect}"]`);
   if (aspect) aspect.checked = true;
+  setLoras(entry.loras || []);
   $("prompt").focus();
 }
 
@@ -340,6 +343,7 @@ function readSettings() {
     resolution: $("resolution").value,
     steps: Number($("steps").value),
     seed: $("seed").value.trim(),
+    loras: chosenLoras(),
   };
 }
 
@@ -354,6 +358,7 @@ function requestBody(settings) {
   if (settings.resolution) body.resolution = settings.resolution;
   if (settings.steps > 0) body.num_inference_steps = settings.steps;
   if (settings.seed !== "") body.seed = Number(settings.seed);
+  if (settings.loras && settings.loras.length) body.loras = settings.loras;
   return body;
 }
 
@@ -460,6 +465,67 @@ async function showExamples() {
   $("examples").hidden = false;
 }
 
+// ---- LoRAs ----------------------------------------------------------------------
+
+// "outline.safetensors" reads as "outline"; a folder's file as its folder.
+function loraLabel(id) {
+  return id.replace(/\/pytorch_lora_weights\.safetensors$/, "").replace(/\.safetensors$/, "");
+}
+
+function loraRow(id) {
+  const row = document.createElement("div");
+  row.className = "lora";
+  row.dataset.lora = id;
+  const label = document.createElement("label");
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.className = "lora-on";
+  label.append(box, ` ${loraLabel(id)}`);
+  label.title = id;
+  const scale = document.createElement("input");
+  scale.type = "number";
+  scale.className = "lora-scale";
+  scale.min = "-4";
+  scale.max = "4";
+  scale.step = "0.1";
+  scale.value = "1";
+  scale.setAttribute("aria-label", `${loraLabel(id)} scale`);
+  row.append(label, scale);
+  return row;
+}
+
+function chosenLoras() {
+  return [...document.querySelectorAll("#loras .lora")]
+    .filter((row) => row.querySelector(".lora-on").checked)
+    .map((row) => {
+      // An emptied scale box means the default, 1.
+      const scale = Number(row.querySelector(".lora-scale").value || 1);
+      return { path: row.dataset.lora, scale: Number.isFinite(scale) ? scale : 1 };
+    });
+}
+
+function setLoras(loras) {
+  for (const row of document.querySelectorAll("#loras .lora")) {
+    const chosen = loras.find((lora) => lora.path === row.dataset.lora);
+    row.querySelector(".lora-on").checked = Boolean(chosen);
+    row.querySelector(".lora-scale").value = String(chosen ? chosen.scale : 1);
+  }
+}
+
+// Only a server started with --lora-dir lists any; without them the picker stays hidden.
+async function showLoras() {
+  let listed = [];
+  try {
+    listed = (await api("/v1/loras")).data || [];
+  } catch {
+    // An older server, or one that needs a key first: the page works without LoRAs.
+  }
+  const usable = listed.filter((lora) => lora.valid !== false).map((lora) => lora.id);
+  if (!usable.length) return;
+  $("loras").replaceChildren(...usable.map(loraRow));
+  $("lora-box").hidden = false;
+}
+
 function init() {
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
@@ -483,6 +549,7 @@ function init() {
   gallery.render();
   showModel();
   showExamples();
+  showLoras();
   resume();
 }
 

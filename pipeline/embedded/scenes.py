@@ -212,14 +212,29 @@ def _layers(
     return shapes[item.shape]()
 
 
-def render(scene: Scene, width: int, height: int) -> np.ndarray:
-    """The scene as float32 RGB in [0, 1], shape (height, width, 3)."""
+# Drawing styles, for the example LoRAs (`pipeline.embedded.train_loras`): "outline" draws
+# each part's edge as a line instead of filling it; "pastel" mixes every colour with white.
+STYLES = ("plain", "outline", "pastel")
+OUTLINE_WIDTH = 0.035  # of the shorter side
+PASTEL_WHITE = 0.5
+
+
+def render(scene: Scene, width: int, height: int, *, style: str = "plain") -> np.ndarray:
+    """The scene as float32 RGB in [0, 1], shape (height, width, 3), in one of `STYLES`."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; one of {', '.join(STYLES)}")
     image = _background(scene, height, width)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    half_line = OUTLINE_WIDTH * min(width, height) / 2
     for item in scene.objects:
         for distance, colour in _layers(item, x, y, width, height):
+            if style == "outline":
+                distance = np.abs(distance) - half_line
             alpha = _coverage(distance)[..., None]
             image = image * (1 - alpha) + alpha * np.asarray(colour, np.float32)
+    if style == "pastel":
+        # Every colour mixed with white is the whole picture mixed with white: blending is linear.
+        image = (1 - PASTEL_WHITE) * image + PASTEL_WHITE
     return image.astype(np.float32)
 
 

@@ -110,11 +110,11 @@ def step_rng(phase: str, step: int) -> random.Random:
 
 
 def scene_batch(
-    rng: random.Random, width: int, height: int, count: int
+    rng: random.Random, width: int, height: int, count: int, style: str = "plain"
 ) -> tuple[list[scenes.Scene], torch.Tensor]:
     """`count` scenes and their pictures in [-1, 1], (count, 3, height, width)."""
     drawn = [scenes.random_scene(rng) for _ in range(count)]
-    pixels = np.stack([scenes.render(scene, width, height) for scene in drawn])
+    pixels = np.stack([scenes.render(scene, width, height, style=style) for scene in drawn])
     return drawn, torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
 
 
@@ -170,6 +170,17 @@ FACTS = (
     )
     * 2,
 )
+
+
+def descend(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, clip: torch.nn.Module | None = None
+) -> None:
+    """One optimiser step on `loss`; the transformer's gradients are clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+    opt.step()
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -259,9 +270,7 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
         kl = posterior.kl().mean() / images[0].numel()
         linear = (readout(posterior.mean) - torch.nn.functional.avg_pool2d(images, factor)) ** 2
         loss = l1 + mse + 1e-4 * kl + 0.5 * linear.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, loss)
         if step % 50 == 0 or step == plan.vae_steps - 1:
             log(
                 "vae",
@@ -294,9 +303,16 @@ class FlowBatch:
     """One training batch in the transformer's own terms, as `FluxPipeline` builds them."""
 
     def __init__(
-        self, pipe: FluxPipeline, rng: random.Random, width: int, height: int, count: int, step: int
+        self,
+        pipe: FluxPipeline,
+        rng: random.Random,
+        width: int,
+        height: int,
+        count: int,
+        step: int,
+        style: str = "plain",
     ) -> None:
-        drawn, images = scene_batch(rng, width, height, count)
+        drawn, images = scene_batch(rng, width, height, count, style)
         self.said = [Said.draw(rng, scene) for scene in drawn]
         vae = pipe.vae
         with torch.no_grad():
@@ -370,13 +386,13 @@ def weighted_mse(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
 
 
 def batches(
-    pipe: FluxPipeline, plan: Plan, phase: str, start: int, total: int
+    pipe: FluxPipeline, plan: Plan, phase: str, start: int, total: int, style: str = "plain"
 ) -> Iterator[tuple[int, FlowBatch]]:
     sizes, odds = [(w, h, n) for w, h, n, _ in plan.buckets], [p for *_, p in plan.buckets]
     for step in range(start, total):
         rng = step_rng(phase, step)
         width, height, count = rng.choices(sizes, odds)[0]
-        yield step, FlowBatch(pipe, rng, width, height, count, step)
+        yield step, FlowBatch(pipe, rng, width, height, count, step, style)
 
 
 def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
@@ -407,9 +423,7 @@ def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
                     losses.append(torch.nn.functional.cross_entropy(scores, labels[:, fact]))
                     right.append((scores.argmax(-1) == labels[:, fact]).float().mean())
             loss = torch.stack(losses).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            descend(opt, loss)
             if step % 50 == 0 or step == plan.text_steps - 1:
                 log(
                     "text",
@@ -466,10 +480,7 @@ def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
             pooled, sequence = encode_text(pipe, batch.captions)
         guidance = torch.ones(len(batch.said))
         loss = weighted_mse(predict(transformer, batch, pooled, sequence, guidance), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, clip=transformer)
         ema.update(transformer)
         running = loss.item() if step == start else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == plan.flow_steps - 1:
@@ -512,10 +523,7 @@ def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkp
             scale = torch.tensor([rng.uniform(1.0, 6.0) for _ in captions])
             batch.target = uncond + scale[:, None, None] * (cond - uncond)
         loss = weighted_mse(predict(student, batch, pooled, sequence, scale), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, clip=student)
         if step % 25 == 0 or step == plan.distill_steps - 1:
             log("distill", step, plan.distill_steps, loss=loss.item())
         if (step + 1) % plan.checkpoint_every == 0 or step == plan.distill_steps - 1:
@@ -554,9 +562,7 @@ def train_tiny_decoder(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints)
         decoded = tiny.decode(scaled).sample
         encoded = tiny.encode(images).latents
         loss = (decoded - target).abs().mean() + ((encoded - scaled.clamp(-3, 3)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, loss)
         if step % 50 == 0 or step == plan.tiny_steps - 1:
             log("tiny", step, plan.tiny_steps, loss=loss.item())
     checkpoints.save(
