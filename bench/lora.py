@@ -31,26 +31,11 @@ from safetensors.torch import save_file
 from pipeline.factory import create_flux_runner
 from pipeline.jobs import Job, LoraRef, Progress
 from pipeline.loading import ModelSpec
-from pipeline.loras import LoraSpec
+from pipeline.loras import DOUBLE_BLOCK_PROJECTIONS, SINGLE_BLOCK_PROJECTIONS, LoraSpec
 from pipeline.runner import FluxRunner
 from pipeline.speedups import Speedups
 
-TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-)
+TARGETS = DOUBLE_BLOCK_PROJECTIONS + SINGLE_BLOCK_PROJECTIONS
 
 
 def random_lora(path: Path, transformer: torch.nn.Module, rank: int, seed: int) -> LoraRef:

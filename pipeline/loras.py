@@ -55,6 +55,23 @@ from pipeline.lora_files import TRANSFORMER, LoadedLora, read_lora
 logger = logging.getLogger(__name__)
 
 SLOT = "fluxstream"
+# The projections a FLUX LoRA usually targets (ai-toolkit's set): attention and MLP of
+# every double block (image and text streams) and of every single block.
+DOUBLE_BLOCK_PROJECTIONS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+SINGLE_BLOCK_PROJECTIONS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
 # The warm-up's LoRA: the slot switched on with zeros (see `pipeline.factory.warmup_jobs`).
 BLANK = LoraRef(name="warm-up", file="")
 # A layer's share of a job: per LoRA that targets it, (A, B) and the request's scale.

@@ -36,24 +36,10 @@ from pipeline.embedded.train import (
     step_rng,
     weighted_mse,
 )
+from pipeline.loras import DOUBLE_BLOCK_PROJECTIONS, SINGLE_BLOCK_PROJECTIONS
 
 EXAMPLES = ("outline", "pastel")
 RANK = 4
-DOUBLE_BLOCK = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
-SINGLE_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
 # Up to 256 px and about 500 image tokens a step (the base model took 2,000): a style is
 # local, and small steps are cheap.
 LORA_PLAN = Plan(
@@ -67,12 +53,12 @@ def targets(transformer: FluxTransformer2DModel) -> list[str]:
     double = [
         f"transformer_blocks.{i}.{layer}"
         for i in range(len(transformer.transformer_blocks))
-        for layer in DOUBLE_BLOCK
+        for layer in DOUBLE_BLOCK_PROJECTIONS
     ]
     single = [
         f"single_transformer_blocks.{i}.{layer}"
         for i in range(len(transformer.single_transformer_blocks))
-        for layer in SINGLE_BLOCK
+        for layer in SINGLE_BLOCK_PROJECTIONS
     ]
     return double + single
 
