@@ -118,6 +118,11 @@ def _parts(layers: Mapping[str, Any], loras: Active) -> dict[str, Parts]:
     }
 
 
+def _shapes(layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Layer name -> (in, out) features, what a LoRA file is checked against."""
+    return {name: (m.in_features, m.out_features) for name, m in layers.items()}
+
+
 def _scaled(b: torch.Tensor, scale: float) -> torch.Tensor:
     return b if scale == 1 else b * scale
 
@@ -146,7 +151,7 @@ class LoraBranches:
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: (m.in_features, m.out_features) for name, m in self._layers.items()}
+        return _shapes(self._layers)
 
     def activate(self, loras: Active) -> None:
         for layer, pairs in _parts(self._layers, loras).items():
@@ -228,7 +233,7 @@ class LoraSlot:
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: (m.in_features, m.out_features) for name, m in self._layers.items()}
+        return _shapes(self._layers)
 
     def activate(self, loras: Active) -> None:
         """Copy the job's LoRAs into the slot and switch it on; raises `InvalidLora`,

@@ -42,6 +42,9 @@ class HeldRunner:
     def profile(self) -> ModelProfile:
         return self._runner.profile
 
+    def loaded_loras(self) -> frozenset[str]:
+        return self._runner.loaded_loras()
+
     def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
         self._enter(1)
         return self._runner.run(job, emit, stop_requested)

@@ -64,16 +64,9 @@ def _broken(good: Path) -> bytes:
     return bytes(data)
 
 
-class HeldLoraRunner(HeldRunner):
-    """`HeldRunner` that also says which LoRAs its runner has loaded, as `FluxRunner` does."""
-
-    def loaded_loras(self) -> frozenset[str]:
-        return self._runner.loaded_loras()
-
-
 @pytest.fixture
 def held(runner: FluxRunner) -> HeldRunner:
-    return HeldLoraRunner(runner)
+    return HeldRunner(runner)
 
 
 @pytest.fixture
