@@ -19,12 +19,13 @@ from pipeline.loading import (
     is_kontext_model,
     load_tiny_vae,
     model_profile,
+    model_source,
     place_pipeline,
     read_pipeline,
     resolve_device,
 )
 from pipeline.loras import BLANK, LoraBranches, LoraManager, LoraSlot, LoraTarget
-from pipeline.preview_cache import cached_linear_decoder
+from pipeline.preview_cache import linear_decoder
 from pipeline.previews import AutoencoderPreviewDecoder, LinearPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
 from pipeline.safety import ClassifierSafetyChecker, SafetySpec
@@ -72,7 +73,8 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     pipe = read_pipeline(spec)
     # Before placing: offloading moves the VAE's weights to the meta device (sequential)
     # or to the GPU at each call (model), where the fit's CPU inputs would not follow.
-    linear = cached_linear_decoder(pipe.vae, spec.cache_dir)
+    source = model_source(spec)
+    linear = linear_decoder(pipe.vae, spec.cache_dir, source if isinstance(source, Path) else None)
     applied = place_pipeline(pipe, spec)
     decoders = preview_decoders(pipe, spec, linear)
     loras = None

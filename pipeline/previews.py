@@ -1,7 +1,8 @@
 """Latents to small RGB previews, cheaply enough to run inside the denoising loop.
 
-The default decoder is a linear map from FLUX's 16 latent channels to RGB (3x16 + bias),
-fitted once per model by least squares against the model's own VAE. The quality option
+The default decoder is a linear map from FLUX's 16 latent channels to RGB (3x16 + bias):
+the one the model's VAE folder ships, else fitted once per model by least squares against
+the model's own VAE. The quality option
 decodes with an autoencoder (the model's own VAE, or a tiny TAEF1-style one) at preview
 size. Previews show the predicted clean image x0 = x_t - sigma_t * v_t (flow matching),
 not the noisy latent, so the first preview already looks like the picture that is forming.
@@ -50,6 +51,19 @@ class LinearPreviewDecoder:
 
     weight: torch.Tensor  # (3, 16)
     bias: torch.Tensor  # (3,)
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, object]) -> LinearPreviewDecoder:
+        """From `as_dict`'s JSON form; raises `KeyError`, `TypeError` or `ValueError` on
+        anything else, `RuntimeError` on the wrong shapes."""
+        weight = torch.tensor(stored["weight"], dtype=torch.float32)
+        bias = torch.tensor(stored["bias"], dtype=torch.float32)
+        if weight.shape != (3, 16) or bias.shape != (3,):
+            raise RuntimeError(f"a 3x16 map and 3 biases, not {tuple(weight.shape)}")
+        return cls(weight=weight, bias=bias)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"weight": self.weight.tolist(), "bias": self.bias.tolist()}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:

@@ -136,8 +136,10 @@ def test_linear_previews_do_not_drift_from_the_final_image(server: str) -> None:
     assert quality[-1] >= quality[0] >= 15, quality
 
 
-@SHORT_OF_THE_BAR
-@pytest.mark.parametrize(("preview", "last_at_least"), [("tiny", 25), ("linear", 20)])
+@pytest.mark.parametrize(
+    ("preview", "last_at_least"),
+    [pytest.param("tiny", 25, marks=SHORT_OF_THE_BAR), ("linear", 20)],
+)
 def test_previews_converge_to_the_issue_bar(
     server: str, preview: str, last_at_least: float
 ) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
+import shutil
 from itertools import pairwise
 from pathlib import Path
 
@@ -12,12 +15,15 @@ import torch
 from diffusers import AutoencoderTiny
 
 from pipeline import preview_cache
+from pipeline.embedded import MODEL_DIR, scenes
 from pipeline.factory import create_flux_runner
 from pipeline.jobs import Event, Job, Preview, Result
 from pipeline.loading import ModelSpec
 from pipeline.previews import (
     AutoencoderPreviewDecoder,
+    LinearPreviewDecoder,
     StepObservation,
+    fit_linear_decoder,
     observe_scheduler_steps,
     preview_steps,
     sample_latents,
@@ -84,17 +90,12 @@ def test_runner_emits_previews_on_the_expected_steps(
 def test_fitted_linear_map_beats_a_zero_or_mean_image_on_held_out_latents(
     runner: FluxRunner,
 ) -> None:
-    """The mean image is the held-out decodes' mean colour: the best constant guess.
-
-    A per-pixel mean of the held-out decodes would beat the map on the embedded model (by
-    about 0.3 dB): its random VAE paints a fixed, input-independent texture that the
-    mean learns and that no map from one latent pixel to one colour can know.
-    """
+    """The mean image is the held-out decodes' mean colour: the best constant guess."""
     vae = runner.pipe.vae
     held_out = sample_latents(vae, 4, 128, torch.Generator().manual_seed(99))
     full = AutoencoderPreviewDecoder(vae, runner.pipe.vae_scale_factor)
     references = np.stack([np.asarray(full.decode(z, (128, 128))) for z in held_out])
-    linear = runner.decoders["linear"]
+    linear = fit_linear_decoder(vae)
     previews = np.stack([np.asarray(linear.decode(z, (128, 128))) for z in held_out])
     mean_image = np.broadcast_to(references.mean(axis=(0, 1, 2)), references.shape)
     fitted = psnr(previews, references)
@@ -124,18 +125,79 @@ def test_x0_previews_get_closer_to_the_final_image_step_by_step(runner: FluxRunn
     assert curve[-1] > 25, curve
 
 
-def test_linear_fit_is_cached_on_disk_and_reused_on_the_next_start(
+def no_refit(*args: object, **kwargs: object) -> None:
+    raise AssertionError("no map should have been fitted")
+
+
+def test_the_embedded_model_previews_with_the_map_it_ships(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = create_flux_runner(ModelSpec(cache_dir=tmp_path))
+    monkeypatch.setattr(preview_cache, "fit_linear_decoder", no_refit)
+    runner = create_flux_runner(ModelSpec(cache_dir=tmp_path))
+    shipped = json.loads((MODEL_DIR / preview_cache.SHIPPED_MAP).read_text())
+    linear = runner.decoders["linear"]
+    assert torch.allclose(linear.weight, torch.tensor(shipped["weight"]))  # type: ignore[attr-defined]
+    assert not (tmp_path / "previews").exists(), "nothing fitted, nothing cached"
+
+
+@torch.no_grad()
+def test_the_shipped_map_previews_the_scene_world_better_than_a_fitted_one(
+    runner: FluxRunner,
+) -> None:
+    """It was trained with the VAE on the pictures the model draws; the fit sees only
+    synthetic colour fields."""
+    vae = runner.pipe.vae
+    rng = random.Random(3)
+    drawn = np.stack([scenes.render(scenes.random_scene(rng), 128, 128) for _ in range(8)])
+    pictures = torch.from_numpy(drawn).permute(0, 3, 1, 2) * 2 - 1
+    latents = (vae.encode(pictures).latent_dist.mean - vae.config.shift_factor) * (
+        vae.config.scaling_factor
+    )
+    full = AutoencoderPreviewDecoder(vae, runner.pipe.vae_scale_factor)
+    references = np.stack([np.asarray(full.decode(z, (128, 128))) for z in latents])
+
+    def fidelity(decoder: LinearPreviewDecoder) -> float:
+        return psnr(
+            np.stack([np.asarray(decoder.decode(z, (128, 128))) for z in latents]), references
+        )
+
+    shipped = runner.decoders["linear"]
+    assert isinstance(shipped, LinearPreviewDecoder)
+    assert fidelity(shipped) > fidelity(fit_linear_decoder(vae)) + 1
+
+
+def test_an_unreadable_shipped_map_is_replaced_by_a_fit(
+    runner: FluxRunner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "model"
+    (folder / preview_cache.SHIPPED_MAP).parent.mkdir(parents=True)
+    (folder / preview_cache.SHIPPED_MAP).write_text('{"weight": [[1, 2]], "bias": [0]}')
+    with caplog.at_level(logging.WARNING, logger=preview_cache.__name__):
+        decoder = preview_cache.linear_decoder(runner.pipe.vae, tmp_path / "cache", folder)
+    assert decoder.weight.shape == (3, 16)
+    assert "unreadable vae/latent_rgb.json" in caplog.text
+    assert list((tmp_path / "cache" / "previews").glob("linear-*.json"))
+
+
+@pytest.fixture
+def model_without_a_map(tmp_path: Path) -> str:
+    """The embedded model's folder less its shipped preview map: a model to fit one for."""
+    folder = tmp_path / "unmapped"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / preview_cache.SHIPPED_MAP).unlink()
+    return str(folder)
+
+
+def test_linear_fit_is_cached_on_disk_and_reused_on_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_without_a_map: str
+) -> None:
+    spec = ModelSpec(model=model_without_a_map, cache_dir=tmp_path)
+    first = create_flux_runner(spec)
     (cached,) = (tmp_path / "previews").glob("linear-*.json")
     assert len(json.loads(cached.read_text())["weight"]) == 3
 
-    def no_refit(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the cached fit should have been loaded")
-
     monkeypatch.setattr(preview_cache, "fit_linear_decoder", no_refit)
-    second = create_flux_runner(ModelSpec(cache_dir=tmp_path))
+    second = create_flux_runner(spec)
     assert torch.equal(second.decoders["linear"].weight, first.decoders["linear"].weight)  # type: ignore[attr-defined]
     assert torch.equal(second.decoders["linear"].bias, first.decoders["linear"].bias)  # type: ignore[attr-defined]
 
