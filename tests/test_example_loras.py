@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.embedded import TINY_SHAPE, build_embedded_pipeline, scenes
-from pipeline.embedded.train_loras import LORA_PLAN, targets, train_lora
+from pipeline.embedded.train_loras import LORA_STAGE, targets, train_lora
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
@@ -83,7 +83,8 @@ def test_the_server_lists_both_examples(server: str) -> None:
 def test_outline_leaves_much_less_of_the_picture_in_the_object_s_colour(server: str) -> None:
     base = [red_share(image) for image in pictures(server, None)]
     outlined = [red_share(image) for image in pictures(server, "outline.safetensors")]
-    assert min(base) > 0.2, "the base model draws the red square"
+    # A large square covers 14 % of the picture; the model's squares are blobs about as big.
+    assert min(base) > 0.12, "the base model draws the red square"
     assert all(line < filled for filled, line in zip(base, outlined, strict=True))
     assert np.mean(outlined) < 0.6 * np.mean(base)
 
@@ -92,7 +93,8 @@ def test_pastel_makes_the_picture_lighter_and_less_saturated(server: str) -> Non
     base = pictures(server, None)
     pastel = pictures(server, "pastel.safetensors")
     for plain, soft in zip(base, pastel, strict=True):
-        assert soft.mean() > plain.mean() + 0.1
+        # Pastel mixes every colour half with white: at least 40 % of that lightening.
+        assert soft.mean() > plain.mean() + 0.4 * scenes.PASTEL_WHITE * (1 - plain.mean())
         assert saturation(soft) < 0.85 * saturation(plain)
 
 
@@ -113,8 +115,8 @@ def test_the_styles_draw_outlines_and_pastels_of_the_same_scene() -> None:
 def test_train_loras_writes_a_rank_4_peft_lora_and_leaves_the_model_as_it_was() -> None:
     pipe = build_embedded_pipeline(TINY_SHAPE)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    plan = replace(LORA_PLAN, buckets=((64, 64, 2, 1.0),))
-    tensors = train_lora(pipe, "pastel", 2, plan)
+    stage = replace(LORA_STAGE, buckets=((64, 64, 2, 1.0),))
+    tensors = train_lora(pipe, "pastel", 2, stage)
     layers = {f"transformer.{name}" for name in targets(pipe.transformer)}
     assert {key.rsplit(".", 2)[0] for key in tensors} == layers
     for key, value in tensors.items():

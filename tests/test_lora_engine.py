@@ -64,8 +64,11 @@ def shapes(plain: FluxRunner) -> dict[str, tuple[int, int]]:
 def folder(tmp_path_factory: pytest.TempPathFactory, shapes: dict[str, tuple[int, int]]) -> Path:
     root = tmp_path_factory.mktemp("loras")
     attention = [f"transformer_blocks.{i}.{layer}" for i in range(3) for layer in ATTENTION]
-    save_peft_lora(root / "a.safetensors", random_pairs(shapes, default_targets(), 4, seed=1))
-    b = random_pairs(shapes, attention, 8, seed=2)
+    # Strong enough to move every picture clearly: the trained model shrugs off weaker noise.
+    save_peft_lora(
+        root / "a.safetensors", random_pairs(shapes, default_targets(), 4, seed=1, strength=1.0)
+    )
+    b = random_pairs(shapes, attention, 8, seed=2, strength=1.5)
     save_peft_lora(root / "b.safetensors", b, alpha=4)
     half = {name: (a, b * 0.5) for name, (a, b) in b.items()}
     save_peft_lora(root / "b-without-alpha.safetensors", half)

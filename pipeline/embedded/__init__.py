@@ -16,7 +16,9 @@ import json
 import math
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from diffusers import (
@@ -26,7 +28,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -42,7 +44,7 @@ HERE = Path(__file__).parent
 MODEL_DIR = HERE / "model"
 TINY_VAE_DIR = HERE / "tiny_vae"
 # Bump when the shipped model changes, so that a cached Kontext twin is made again.
-EMBEDDED_VERSION = "5"
+EMBEDDED_VERSION = "6"
 # Captions are short: T5 reads 32 tokens, in training and in serving (FLUX reads 512); the
 # T5 tokenizer declares it, so a copy of the model in another folder reads 32 too.
 MAX_SEQUENCE_LENGTH = 32
@@ -76,23 +78,43 @@ light shadow old young tall tiny huge beautiful quiet calm wild ancient modern b
 _CORPUS = _GRAMMAR_WORDS * 8 + _OTHER_WORDS * 2
 
 
+def _merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges over `words` (CLIP's spelling: the last letter carries `</w>`)
+    until each word is one symbol. Ties go to the alphabetically first pair, so every run
+    learns the same merges: the `tokenizers` trainer breaks ties in hash order, which
+    changes from process to process, and gave a resumed training run token ids that its
+    text encoder had not been trained on."""
+    counts = Counter(words)
+    spelled = {word: [*word[:-1], word[-1] + "</w>"] for word in counts}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, symbols in spelled.items():
+            for pair in pairwise(symbols):
+                pairs[pair] += counts[word]
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        for word, symbols in spelled.items():
+            merged: list[str] = []
+            for symbol in symbols:
+                if merged and (merged[-1], symbol) == best:
+                    merged[-1] += symbol
+                else:
+                    merged.append(symbol)
+            spelled[word] = merged
+
+
 def _clip_tokenizer() -> CLIPTokenizer:
-    base = CLIPTokenizer().backend_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1200,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    base.train_from_iterator(_CORPUS, trainer)
-    state = json.loads(base.to_str())["model"]
-    vocab: dict[str, int] = state["vocab"]
-    # Every byte must also exist as a word-final token, or unseen words fall to <unk>.
-    for char in sorted(alphabet):
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = [tuple(merge) for merge in state["merges"]]
+    """Byte-level BPE as CLIP's, learned on the corpus until each of its words is one token;
+    every byte also stands alone and word-final, so an unseen word never falls to <unk>."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _merges([word.lower() for word in _CORPUS])
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    for first, second in merges:
+        vocab.setdefault(first + second, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 

@@ -2,7 +2,7 @@
 
     python -m pipeline.embedded.train [--work .train] [--out pipeline/embedded]
 
-Five phases, each resumable from the work folder (a phase that finished is skipped; a
+Six phases, each resumable from the work folder (a phase that finished is skipped; a
 long one restarts from its last checkpoint, with the same data it would have seen):
 1. the VAE learns to reconstruct scenes (FLUX's shape: 16 channels, 8x down), with a
    linear read-out of each latent pixel's colour so that `linear` previews can work;
@@ -13,11 +13,14 @@ long one restarts from its last checkpoint, with the same data it would have see
    stayed the same for every caption and colours were never learned);
 3. the transformer learns rectified flow, FLUX's way (x_t = (1 - s) x0 + s noise, the
    model predicts noise - x0, s logit-normal and shifted by the image's token count),
-   with 10 % empty captions and object pixels weighted up;
-4. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
+   with 10 % empty captions and object pixels weighted up, at many sizes;
+4. it goes on learning, in a second learning-rate cycle, where it is judged: mostly at
+   the default 256x256, on scenes of one object three times in four (binding a colour and
+   a place to one object comes first; the first cycle's loss was still falling);
+5. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
    what classifier-free guidance at scale g gives the teacher in two, with g in its
    guidance embedding, so `guidance_scale` means what it means for [dev];
-5. a TAEF1-style tiny decoder learns the VAE's decode, for cheap previews.
+6. a TAEF1-style tiny decoder learns the VAE's decode, for cheap previews.
 Every step's data comes from a seed fixed by the step's number. `--tiny` trains a toy for
 a few steps (the test suite runs it so that this script cannot rot).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -51,6 +55,8 @@ from pipeline.embedded import (
     scenes,
     tiny_vae,
 )
+from pipeline.preview_cache import SHIPPED_MAP
+from pipeline.previews import LinearPreviewDecoder
 
 SEED = 20261129
 Buckets = tuple[tuple[int, int, int, float], ...]
@@ -72,30 +78,57 @@ BUCKETS: Buckets = (
     (320, 512, 3, 0.03),
 )
 
+# The second cycle's sizes: the default size most of the time, the others enough to keep.
+REFINE_BUCKETS: Buckets = (
+    (256, 256, 8, 0.55),
+    (128, 128, 32, 0.15),
+    (192, 192, 14, 0.10),
+    (384, 384, 4, 0.08),
+    (512, 512, 2, 0.06),
+    (384, 256, 5, 0.03),
+    (256, 384, 5, 0.03),
+)
+
+
+@dataclass(frozen=True)
+class FlowStage:
+    """A run of the transformer's training: its steps, peak learning rate, sizes, and how
+    often a scene has one object (None: as the grammar draws them, one or two equally)."""
+
+    steps: int
+    lr: float
+    buckets: Buckets
+    one_object: float | None = None
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Steps of each phase; the shipped model's plan takes about an hour on two cores."""
+    """Steps of each phase; the shipped model's plan takes about 100 minutes on two cores."""
 
     shape: EmbeddedShape = field(default_factory=EmbeddedShape)
     vae_steps: int = 3500
     text_steps: int = 400
-    flow_steps: int = 4200
-    distill_steps: int = 500
+    # The transformer's learning-rate cycles, each a resumable phase of its own name.
+    flow: tuple[tuple[str, FlowStage], ...] = (
+        ("flow", FlowStage(4200, 6e-4, BUCKETS)),
+        ("refine", FlowStage(5000, 3e-4, REFINE_BUCKETS, one_object=0.75)),
+    )
+    distill: FlowStage = FlowStage(500, 1.5e-4, REFINE_BUCKETS, one_object=0.75)
     tiny_steps: int = 600
-    buckets: Buckets = BUCKETS
     checkpoint_every: int = 200
-    lr: float = 6e-4
 
 
+_TOY_BUCKETS: Buckets = ((64, 64, 2, 0.5), (64, 32, 2, 0.5))
 TINY_PLAN = Plan(
     shape=TINY_SHAPE,
     vae_steps=3,
     text_steps=2,
-    flow_steps=4,
-    distill_steps=2,
+    flow=(
+        ("flow", FlowStage(4, 6e-4, _TOY_BUCKETS)),
+        ("refine", FlowStage(2, 3e-4, _TOY_BUCKETS, one_object=0.75)),
+    ),
+    distill=FlowStage(2, 1.5e-4, _TOY_BUCKETS),
     tiny_steps=2,
-    buckets=((64, 64, 2, 0.5), (64, 32, 2, 0.5)),
     checkpoint_every=2,
 )
 
@@ -110,10 +143,21 @@ def step_rng(phase: str, step: int) -> random.Random:
 
 
 def scene_batch(
-    rng: random.Random, width: int, height: int, count: int, style: str = "plain"
+    rng: random.Random,
+    width: int,
+    height: int,
+    count: int,
+    style: str = "plain",
+    one_object: float | None = None,
 ) -> tuple[list[scenes.Scene], torch.Tensor]:
     """`count` scenes and their pictures in [-1, 1], (count, 3, height, width)."""
-    drawn = [scenes.random_scene(rng) for _ in range(count)]
+    if one_object is None:
+        drawn = [scenes.random_scene(rng) for _ in range(count)]
+    else:
+        drawn = [
+            scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
+            for _ in range(count)
+        ]
     pixels = np.stack([scenes.render(scene, width, height, style=style) for scene in drawn])
     return drawn, torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
 
@@ -238,20 +282,23 @@ def resumed(
     return int(state["step"]), state
 
 
-def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
+def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> torch.nn.Conv2d:
     """Reconstruction (L1, plus a little MSE) with a small KL term, on 64-160 px scenes.
 
     A 1x1 convolution must also read each latent pixel's mean colour off the latent: then
     the latent holds its colour linearly, which is what a `linear` preview assumes (without
-    it, the fitted map gave previews 10 dB from the final image)."""
+    it, the fitted map gave previews 10 dB from the final image). That read-out is returned:
+    it ships as the model's linear preview map."""
+    readout = torch.nn.Conv2d(vae.config.latent_channels, 3, 1)
     if checkpoints.done("vae"):
-        vae.load_state_dict(checkpoints.final("vae")["vae"])
-        return
+        state = checkpoints.final("vae")
+        vae.load_state_dict(state["vae"])
+        readout.load_state_dict(state["readout"])
+        return readout
     # Start the posterior nearly deterministic (log-variance -8): at 0, its noise hides
     # most of what the encoder says and the reconstruction learns far more slowly.
     with torch.no_grad():
         vae.encoder.conv_out.bias[vae.config.latent_channels :] = -8.0
-    readout = torch.nn.Conv2d(vae.config.latent_channels, 3, 1)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     parts = {"vae": vae, "readout": readout}
     opt = torch.optim.AdamW([*vae.parameters(), *readout.parameters()], lr=1e-3, weight_decay=0)
@@ -285,6 +332,7 @@ def train_vae(vae: AutoencoderKL, plan: Plan, checkpoints: Checkpoints) -> None:
             state = {name: part.state_dict() for name, part in parts.items()}
             checkpoints.save("vae", step + 1, {**state, "optimizer": opt.state_dict()})
     checkpoints.finish("vae")
+    return readout
 
 
 @torch.no_grad()
@@ -311,8 +359,9 @@ class FlowBatch:
         count: int,
         step: int,
         style: str = "plain",
+        one_object: float | None = None,
     ) -> None:
-        drawn, images = scene_batch(rng, width, height, count, style)
+        drawn, images = scene_batch(rng, width, height, count, style, one_object)
         self.said = [Said.draw(rng, scene) for scene in drawn]
         vae = pipe.vae
         with torch.no_grad():
@@ -386,13 +435,13 @@ def weighted_mse(prediction: torch.Tensor, batch: FlowBatch) -> torch.Tensor:
 
 
 def batches(
-    pipe: FluxPipeline, plan: Plan, phase: str, start: int, total: int, style: str = "plain"
+    pipe: FluxPipeline, stage: FlowStage, phase: str, start: int, total: int, style: str = "plain"
 ) -> Iterator[tuple[int, FlowBatch]]:
-    sizes, odds = [(w, h, n) for w, h, n, _ in plan.buckets], [p for *_, p in plan.buckets]
+    sizes, odds = [(w, h, n) for w, h, n, _ in stage.buckets], [p for *_, p in stage.buckets]
     for step in range(start, total):
         rng = step_rng(phase, step)
         width, height, count = rng.choices(sizes, odds)[0]
-        yield step, FlowBatch(pipe, rng, width, height, count, step, style)
+        yield step, FlowBatch(pipe, rng, width, height, count, step, style, stage.one_object)
 
 
 def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
@@ -458,24 +507,27 @@ class Ema:
                 self.shadow[key].copy_(value)
 
 
-def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
-    """The transformer, from scratch; the EMA weights are kept."""
+def train_flow(
+    pipe: FluxPipeline, stage: FlowStage, phase: str, checkpoints: Checkpoints, every: int
+) -> None:
+    """The transformer, from where it stands (random weights, or an earlier stage's); the
+    EMA weights are kept. `every` steps it saves a checkpoint."""
     transformer = pipe.transformer
-    if checkpoints.done("flow"):
-        transformer.load_state_dict(checkpoints.final("flow")["ema"])
+    if checkpoints.done(phase):
+        transformer.load_state_dict(checkpoints.final(phase)["ema"])
         return
     opt = torch.optim.AdamW(
-        transformer.parameters(), lr=plan.lr, weight_decay=0.01, betas=(0.9, 0.99)
+        transformer.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.99)
     )
     ema = Ema(transformer, 0.998)
-    start, state = resumed(checkpoints, "flow", {"transformer": transformer}, opt)
+    start, state = resumed(checkpoints, phase, {"transformer": transformer}, opt)
     if start:
         ema.shadow = state["ema"]
     transformer.train()
     running = 0.0
-    for step, batch in batches(pipe, plan, "flow", start, plan.flow_steps):
+    for step, batch in batches(pipe, stage, phase, start, stage.steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, plan.flow_steps, plan.lr)
+            group["lr"] = cosine_lr(step, stage.steps, stage.lr)
         with torch.no_grad():
             pooled, sequence = encode_text(pipe, batch.captions)
         guidance = torch.ones(len(batch.said))
@@ -483,11 +535,11 @@ def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
         descend(opt, loss, clip=transformer)
         ema.update(transformer)
         running = loss.item() if step == start else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == plan.flow_steps - 1:
-            log("flow", step, plan.flow_steps, loss=loss.item(), smooth=running)
-        if (step + 1) % plan.checkpoint_every == 0 or step == plan.flow_steps - 1:
+        if step % 25 == 0 or step == stage.steps - 1:
+            log(phase, step, stage.steps, loss=loss.item(), smooth=running)
+        if (step + 1) % every == 0 or step == stage.steps - 1:
             checkpoints.save(
-                "flow",
+                phase,
                 step + 1,
                 {
                     "transformer": transformer.state_dict(),
@@ -496,7 +548,7 @@ def train_flow(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
                 },
             )
     transformer.load_state_dict(ema.shadow)
-    checkpoints.finish("flow")
+    checkpoints.finish(phase)
 
 
 def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
@@ -506,10 +558,11 @@ def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkp
         return
     teacher = copy.deepcopy(pipe.transformer).eval().requires_grad_(False)
     student = pipe.transformer
-    opt = torch.optim.AdamW(student.parameters(), lr=plan.lr / 4, weight_decay=0.0)
+    stage = plan.distill
+    opt = torch.optim.AdamW(student.parameters(), lr=stage.lr, weight_decay=0.0)
     start, _ = resumed(checkpoints, "distill", {"transformer": student}, opt)
     student.train()
-    for step, batch in batches(pipe, plan, "distill", start, plan.distill_steps):
+    for step, batch in batches(pipe, stage, "distill", start, stage.steps):
         rng = step_rng("distill-scale", step)
         with torch.no_grad():
             # The student learns guidance for real captions; the empty one is the teacher's
@@ -524,9 +577,9 @@ def train_distilled_guidance(pipe: FluxPipeline, plan: Plan, checkpoints: Checkp
             batch.target = uncond + scale[:, None, None] * (cond - uncond)
         loss = weighted_mse(predict(student, batch, pooled, sequence, scale), batch)
         descend(opt, loss, clip=student)
-        if step % 25 == 0 or step == plan.distill_steps - 1:
-            log("distill", step, plan.distill_steps, loss=loss.item())
-        if (step + 1) % plan.checkpoint_every == 0 or step == plan.distill_steps - 1:
+        if step % 25 == 0 or step == stage.steps - 1:
+            log("distill", step, stage.steps, loss=loss.item())
+        if (step + 1) % plan.checkpoint_every == 0 or step == stage.steps - 1:
             checkpoints.save(
                 "distill",
                 step + 1,
@@ -583,13 +636,27 @@ def save_half(module: Any, folder: Path) -> None:
         )
 
 
-def write_model(pipe: FluxPipeline, tiny: AutoencoderTiny, out: Path) -> None:
+def preview_map(readout: torch.nn.Conv2d, vae: AutoencoderKL) -> LinearPreviewDecoder:
+    """The read-out (raw latents to colours in [-1, 1]) restated as the server's linear
+    preview map: pipeline-space latents (raw - shift) * scale to colours in [0, 1]."""
+    state = readout.state_dict()
+    weight, bias = state["weight"][:, :, 0, 0], state["bias"]
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    return LinearPreviewDecoder(
+        weight=weight / (2 * scale), bias=(weight.sum(dim=1) * shift + bias + 1) / 2
+    )
+
+
+def write_model(
+    pipe: FluxPipeline, tiny: AutoencoderTiny, linear: LinearPreviewDecoder, out: Path
+) -> None:
     model, tiny_dir = out / "model", out / "tiny_vae"
     for folder in (model, tiny_dir):
         shutil.rmtree(folder, ignore_errors=True)
     pipe.save_pretrained(model)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         save_half(getattr(pipe, name), model / name)
+    (model / SHIPPED_MAP).write_text(json.dumps(linear.as_dict()))
     save_half(tiny, tiny_dir)
     print(f"wrote {model} and {tiny_dir}", flush=True)
 
@@ -599,14 +666,15 @@ def train(plan: Plan, work: Path, out: Path) -> None:
     torch.set_flush_denormal(True)
     checkpoints = Checkpoints(work)
     pipe = build_embedded_pipeline(plan.shape)
-    train_vae(pipe.vae, plan, checkpoints)
+    readout = train_vae(pipe.vae, plan, checkpoints)
     fit_latent_scale(pipe.vae)
     pipe.vae.requires_grad_(False).eval()
     train_text(pipe, plan, checkpoints)
-    train_flow(pipe, plan, checkpoints)
+    for phase, stage in plan.flow:
+        train_flow(pipe, stage, phase, checkpoints, plan.checkpoint_every)
     train_distilled_guidance(pipe, plan, checkpoints)
     tiny = train_tiny_decoder(pipe, plan, checkpoints)
-    write_model(pipe, tiny, out)
+    write_model(pipe, tiny, preview_map(readout, pipe.vae), out)
 
 
 # glibc hands large freed buffers back to the system and faults them in again at the next

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from pipeline.embedded import MODEL_DIR
 from pipeline.embedded.train import (
     SEED,
-    Plan,
+    FlowStage,
     batches,
     descend,
     encode_text,
@@ -42,9 +42,10 @@ EXAMPLES = ("outline", "pastel")
 RANK = 4
 # Up to 256 px and about 500 image tokens a step (the base model took 2,000): a style is
 # local, and small steps are cheap.
-LORA_PLAN = Plan(
-    buckets=((128, 128, 8, 0.4), (192, 192, 4, 0.3), (256, 256, 2, 0.2), (256, 192, 2, 0.1)),
+LORA_STAGE = FlowStage(
+    steps=300,
     lr=1e-3,
+    buckets=((128, 128, 8, 0.4), (192, 192, 4, 0.3), (256, 256, 2, 0.2), (256, 192, 2, 0.1)),
 )
 
 
@@ -64,7 +65,7 @@ def targets(transformer: FluxTransformer2DModel) -> list[str]:
 
 
 def train_lora(
-    pipe: FluxPipeline, style: str, steps: int, plan: Plan = LORA_PLAN
+    pipe: FluxPipeline, style: str, steps: int, stage: FlowStage = LORA_STAGE
 ) -> dict[str, torch.Tensor]:
     """A LoRA that draws the scene world in `style`, as diffusers/PEFT-layout tensors."""
     transformer = pipe.transformer
@@ -82,13 +83,13 @@ def train_lora(
     trained = [
         p for name, p in transformer.named_parameters() if "lora_" in name and p.requires_grad
     ]
-    opt = torch.optim.AdamW(trained, lr=plan.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=stage.lr, weight_decay=0.0)
     transformer.train()
     running = 0.0
     phase = f"lora-{style}"
-    for step, batch in batches(pipe, plan, phase, 0, steps, style):
+    for step, batch in batches(pipe, stage, phase, 0, steps, style):
         for group in opt.param_groups:
-            group["lr"] = plan.lr * min(1.0, (step + 1) / 20)
+            group["lr"] = stage.lr * min(1.0, (step + 1) / 20)
         rng = step_rng(f"{phase}-guidance", step)
         with torch.no_grad():
             pooled, sequence = encode_text(pipe, batch.captions)
@@ -99,7 +100,7 @@ def train_lora(
         if step % 25 == 0 or step == steps - 1:
             log(phase, step, steps, loss=loss.item(), smooth=running)
     transformer.eval()
-    base, tuned = held_out_loss(pipe, plan, style)
+    base, tuned = held_out_loss(pipe, stage, style)
     print(f"{style}: held-out loss {base:.4f} without the LoRA, {tuned:.4f} with it", flush=True)
     state = get_peft_model_state_dict(transformer, adapter_name=style)
     transformer.unload_lora()
@@ -110,12 +111,12 @@ def train_lora(
 
 @torch.no_grad()
 def held_out_loss(
-    pipe: FluxPipeline, plan: Plan, style: str, count: int = 8
+    pipe: FluxPipeline, stage: FlowStage, style: str, count: int = 8
 ) -> tuple[float, float]:
     """The loss on `count` batches no step saw, without and with the active LoRA."""
     transformer = pipe.transformer
     losses: dict[bool, float] = {False: 0.0, True: 0.0}
-    for step, batch in batches(pipe, plan, f"lora-{style}-held-out", 0, count, style):
+    for step, batch in batches(pipe, stage, f"lora-{style}-held-out", 0, count, style):
         pooled, sequence = encode_text(pipe, batch.captions)
         guidance = torch.full((len(batch.said),), 1.0 + step * 5 / count)
         for enabled in (False, True):
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("styles", nargs="*", help=f"of {', '.join(EXAMPLES)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("examples/loras"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=LORA_STAGE.steps)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if unknown := set(args.styles) - set(EXAMPLES):
