@@ -3,9 +3,9 @@
 Times (a) `pipe(...)` on the loaded pipeline directly and (b) the same request through a
 real server (`python -m stream`, in a process of its own, as deployed: a server thread in
 this process would compete with the client for the GIL and inflate the ratio) with the
-OpenAI SDK, `stream=True, partial_images=3`, and prints the ratio (b)/(a). Medians over
---repeats runs after a warm-up of each. Then each stage of the last mile for one image of
-the same size (`bench.encode`): what the ratio is made of.
+OpenAI SDK, `stream=True, partial_images=3`, and prints the ratio (b)/(a): the median
+over --repeats interleaved pairs, after a warm-up of each. Then each stage of the last
+mile for one image of the same size (`bench.encode`): what the ratio is made of.
 
     .venv/bin/python -m bench.stream_overhead [--model embedded] [--size 256] [--steps 8]
 """
@@ -91,12 +91,15 @@ def main() -> None:
             return time.perf_counter() - started
 
         bare(), streamed()
-        bare_s = statistics.median(bare() for _ in range(args.repeats))
-        streamed_s = statistics.median(streamed() for _ in range(args.repeats))
+        # Interleaved pairs: a shared machine's load drifts over a run, and two separate
+        # series of one kind each would measure the drift as much as the streaming.
+        pairs = [(bare(), streamed()) for _ in range(args.repeats)]
+    bare_s = statistics.median(b for b, _ in pairs)
+    streamed_s = statistics.median(s for _, s in pairs)
     print(f"model={args.model} size={args.size} steps={args.steps} device={pipe.device}")
     print(f"bare diffusers call:           {bare_s * 1000:8.1f} ms")
     print(f"streamed, partial_images=3:    {streamed_s * 1000:8.1f} ms")
-    print(f"ratio streamed / bare:         {streamed_s / bare_s:8.3f}")
+    print(f"ratio streamed / bare:         {statistics.median(s / b for b, s in pairs):8.3f}")
     print("\nthe last mile of the completed image (PNG, b64_json):")
     last_mile_table(generated_like(args.size), args.size, args.repeats)
 
