@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
 from pipeline.embedded import MODEL_DIR, TINY_VAE_DIR, scenes
 from pipeline.embedded.judge import Rates, judge, rates
+from pipeline.embedded.train import Checkpoints, StaleCheckpoint
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
@@ -188,3 +190,11 @@ def test_the_tokenizers_are_the_same_in_every_process() -> None:
         for seed in (1, 2)
     ]
     assert runs[0] == runs[1]
+
+
+def test_a_checkpoint_made_with_other_token_ids_is_refused(tmp_path: Path) -> None:
+    made = Checkpoints(tmp_path, stamp="one")
+    made.save("text", 3, {"weights": torch.zeros(1)})
+    assert made.load("text") is not None
+    with pytest.raises(StaleCheckpoint, match="new --work folder"):
+        Checkpoints(tmp_path, stamp="another").load("text")

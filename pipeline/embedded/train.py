@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -234,11 +235,24 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Checkpoints:
-    """A phase's state in the work folder: `done` marks a finished phase."""
+def tokenizer_stamp(pipe: FluxPipeline) -> str:
+    """A digest of both tokenizers' vocabularies: the ids the text encoders learn."""
+    vocabularies = [sorted(t.get_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)]
+    return hashlib.sha256(json.dumps(vocabularies).encode()).hexdigest()[:16]
 
-    def __init__(self, work: Path) -> None:
+
+class StaleCheckpoint(RuntimeError):
+    """A checkpoint made with other token ids than this script's tokenizers give."""
+
+
+class Checkpoints:
+    """A phase's state in the work folder: `done` marks a finished phase. Each checkpoint
+    carries the tokenizers' stamp and only a matching one loads: weights trained on other
+    token ids would load silently and read every caption wrong."""
+
+    def __init__(self, work: Path, stamp: str) -> None:
         self.work = work
+        self.stamp = stamp
         work.mkdir(parents=True, exist_ok=True)
 
     def done(self, phase: str) -> bool:
@@ -249,12 +263,19 @@ class Checkpoints:
 
     def save(self, phase: str, step: int, state: dict[str, Any]) -> None:
         staging = self.work / f"{phase}.pt.tmp"
-        torch.save({"step": step, **state}, staging)
+        torch.save({"step": step, "tokenizers": self.stamp, **state}, staging)
         staging.replace(self.work / f"{phase}.pt")
 
     def load(self, phase: str) -> dict[str, Any] | None:
         path = self.work / f"{phase}.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+        if not path.is_file():
+            return None
+        state: dict[str, Any] = torch.load(path, weights_only=False)
+        if state.get("tokenizers") != self.stamp:
+            raise StaleCheckpoint(
+                f"{path} was made with other tokenizers than these; train in a new --work folder"
+            )
+        return state
 
     def final(self, phase: str) -> dict[str, Any]:
         """The state a finished phase saved last."""
@@ -664,8 +685,8 @@ def write_model(
 def train(plan: Plan, work: Path, out: Path) -> None:
     torch.manual_seed(SEED)
     torch.set_flush_denormal(True)
-    checkpoints = Checkpoints(work)
     pipe = build_embedded_pipeline(plan.shape)
+    checkpoints = Checkpoints(work, tokenizer_stamp(pipe))
     readout = train_vae(pipe.vae, plan, checkpoints)
     fit_latent_scale(pipe.vae)
     pipe.vae.requires_grad_(False).eval()
