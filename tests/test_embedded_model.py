@@ -175,9 +175,9 @@ def test_the_tokenizers_are_the_same_in_every_process() -> None:
     """A resumed training run builds them again: their ids must be the ones its text
     encoders were trained on (hash-ordered ties once changed CLIP's ids between runs)."""
     fingerprint = (
-        "import json; from pipeline.embedded import embedded_tokenizers; "
-        "clip, t5 = embedded_tokenizers(); "
-        "print(json.dumps([sorted(clip.get_vocab().items()), sorted(t5.get_vocab().items())]))"
+        "from pipeline.embedded import embedded_tokenizers; "
+        "from pipeline.embedded.train import tokenizer_stamp; "
+        "print(tokenizer_stamp(*embedded_tokenizers()))"
     )
     runs = [
         subprocess.run(

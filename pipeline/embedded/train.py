@@ -47,6 +47,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.embedded import (
     MAX_SEQUENCE_LENGTH,
@@ -235,9 +236,9 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def tokenizer_stamp(pipe: FluxPipeline) -> str:
-    """A digest of both tokenizers' vocabularies: the ids the text encoders learn."""
-    vocabularies = [sorted(t.get_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)]
+def tokenizer_stamp(*tokenizers: PreTrainedTokenizerBase) -> str:
+    """A digest of the tokenizers' vocabularies: the ids the text encoders learn."""
+    vocabularies = [sorted(t.get_vocab().items()) for t in tokenizers]
     return hashlib.sha256(json.dumps(vocabularies).encode()).hexdigest()[:16]
 
 
@@ -686,7 +687,7 @@ def train(plan: Plan, work: Path, out: Path) -> None:
     torch.manual_seed(SEED)
     torch.set_flush_denormal(True)
     pipe = build_embedded_pipeline(plan.shape)
-    checkpoints = Checkpoints(work, tokenizer_stamp(pipe))
+    checkpoints = Checkpoints(work, tokenizer_stamp(pipe.tokenizer, pipe.tokenizer_2))
     readout = train_vae(pipe.vae, plan, checkpoints)
     fit_latent_scale(pipe.vae)
     pipe.vae.requires_grad_(False).eval()
