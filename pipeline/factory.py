@@ -19,7 +19,6 @@ from pipeline.loading import (
     is_kontext_model,
     load_tiny_vae,
     model_profile,
-    model_source,
     place_pipeline,
     read_pipeline,
     resolve_device,
@@ -73,8 +72,7 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     pipe = read_pipeline(spec)
     # Before placing: offloading moves the VAE's weights to the meta device (sequential)
     # or to the GPU at each call (model), where the fit's CPU inputs would not follow.
-    source = model_source(spec)
-    linear = linear_decoder(pipe.vae, spec.cache_dir, source if isinstance(source, Path) else None)
+    linear = linear_decoder(pipe.vae, spec.cache_dir)
     applied = place_pipeline(pipe, spec)
     decoders = preview_decoders(pipe, spec, linear)
     loras = None

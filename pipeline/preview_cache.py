@@ -36,15 +36,14 @@ FIT_VERSION = "1"
 SHIPPED_MAP = Path("vae") / "latent_rgb.json"
 
 
-def linear_decoder(
-    vae: AutoencoderKL, cache_dir: Path, model_folder: Path | None
-) -> LinearPreviewDecoder:
-    """The model folder's own map when it ships a readable one, else `cached_linear_decoder`."""
-    if model_folder is not None and (model_folder / SHIPPED_MAP).is_file():
+def linear_decoder(vae: AutoencoderKL, cache_dir: Path) -> LinearPreviewDecoder:
+    """The map the model ships beside its VAE's weights when it is readable, else
+    `cached_linear_decoder`. The VAE's config names the folder it was loaded from: a local
+    model's, the embedded model's cache, or a hub id's snapshot in the local cache."""
+    shipped = Path(vae.config.get("_name_or_path", "")) / SHIPPED_MAP.name
+    if shipped.is_file():
         try:
-            return LinearPreviewDecoder.from_dict(
-                json.loads((model_folder / SHIPPED_MAP).read_text())
-            )
+            return LinearPreviewDecoder.from_dict(json.loads(shipped.read_text()))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
             logger.warning("unreadable %s (%s); fitting a map instead", SHIPPED_MAP, error)
     return cached_linear_decoder(vae, cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -9,6 +10,7 @@ import shutil
 from itertools import pairwise
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,22 @@ def test_the_embedded_model_previews_with_the_map_it_ships(
     assert not (tmp_path / "previews").exists(), "nothing fitted, nothing cached"
 
 
+def test_a_hub_id_in_the_local_cache_previews_with_the_map_its_snapshot_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hugging Face cache's layout (models--owner--name/snapshots/<commit>, refs/main):
+    the hub id loads offline, and its VAE's folder is the snapshot's."""
+    repo = tmp_path / "hub" / "models--someone--scene-flux"
+    shutil.copytree(MODEL_DIR, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(preview_cache, "fit_linear_decoder", no_refit)
+    runner = create_flux_runner(ModelSpec(model="someone/scene-flux", cache_dir=tmp_path))
+    shipped = json.loads((MODEL_DIR / preview_cache.SHIPPED_MAP).read_text())
+    assert torch.allclose(runner.decoders["linear"].weight, torch.tensor(shipped["weight"]))  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def test_the_shipped_map_previews_the_scene_world_better_than_a_fitted_one(
     runner: FluxRunner,
@@ -172,8 +190,10 @@ def test_an_unreadable_shipped_map_is_replaced_by_a_fit(
     folder = tmp_path / "model"
     (folder / preview_cache.SHIPPED_MAP).parent.mkdir(parents=True)
     (folder / preview_cache.SHIPPED_MAP).write_text('{"weight": [[1, 2]], "bias": [0]}')
+    vae = copy.deepcopy(runner.pipe.vae)
+    vae.register_to_config(_name_or_path=str(folder / preview_cache.SHIPPED_MAP.parent))
     with caplog.at_level(logging.WARNING, logger=preview_cache.__name__):
-        decoder = preview_cache.linear_decoder(runner.pipe.vae, tmp_path / "cache", folder)
+        decoder = preview_cache.linear_decoder(vae, tmp_path / "cache")
     assert decoder.weight.shape == (3, 16)
     assert "unreadable vae/latent_rgb.json" in caplog.text
     assert list((tmp_path / "cache" / "previews").glob("linear-*.json"))
