@@ -21,6 +21,7 @@ from stream.app import create_app
 from tests.conftest import make_settings
 from tests.fakes import StepRunner
 from tests.servers import live_server
+from tests.waiting import wait_until
 
 SMALL = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
 
@@ -39,10 +40,7 @@ def start_blocking_job(base_url: str, engine: ThreadedEngine) -> threading.Threa
     """A plain request that occupies the worker until the runner's gate opens."""
     thread = threading.Thread(target=post, args=(base_url, SMALL), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while engine.load().running == 0:
-        assert time.monotonic() < deadline, "the blocking job never started"
-        time.sleep(0.005)
+    wait_until(lambda: engine.load().running > 0, "the blocking job to start")
     return thread
 
 

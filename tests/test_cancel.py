@@ -12,8 +12,7 @@ import json
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +26,7 @@ from pipeline.runner import FluxRunner
 from stream.app import create_app
 from tests.conftest import make_settings
 from tests.servers import live_server
+from tests.waiting import wait_until
 
 LONG_JOB = {"prompt": "a long walk", "size": "64x64", "num_inference_steps": 1000}
 
@@ -91,14 +91,6 @@ def server(engine: ProbedEngine, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def open_stream_then_leave(base_url: str) -> dict[str, object]:
     """Read the stream up to its first partial image, then drop the connection."""
     body = {**LONG_JOB, "stream": True, "partial_images": 100}  # the first at step 10
@@ -118,7 +110,7 @@ def test_stream_disconnect_stops_the_job_within_one_step_and_skips_the_decode(
     decodes_before = runner.decodes
     first = open_stream_then_leave(server)
     assert first["type"] == "image_generation.partial_image"
-    wait_for(lambda: engine.load().running == 0, "the job to stop")
+    wait_until(lambda: engine.load().running == 0, "the job to stop")
     (steps_at_cancel,) = engine.steps_at_cancel
     assert steps_at_cancel < 1000
     assert runner.steps <= steps_at_cancel + 1
@@ -139,8 +131,8 @@ def test_plain_request_disconnect_stops_the_job_and_the_worker_takes_the_next(
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
-        wait_for(lambda: runner.steps >= steps_before + 2, "the job to run two steps")
-    wait_for(lambda: engine.load().running == 0, "the job to stop")
+        wait_until(lambda: runner.steps >= steps_before + 2, "the job to run two steps")
+    wait_until(lambda: engine.load().running == 0, "the job to stop")
     (steps_at_cancel,) = engine.steps_at_cancel
     assert runner.steps <= steps_at_cancel + 1
     assert runner.steps - steps_before < 1000
@@ -168,14 +160,14 @@ def test_repeated_cancels_leak_no_threads_file_handles_or_memory(
 ) -> None:
     def cancel_one() -> None:
         open_stream_then_leave(server)
-        wait_for(lambda: engine.load().running == 0, "the job to stop")
+        wait_until(lambda: engine.load().running == 0, "the job to stop")
 
     for _ in range(3):  # warm up thread pools and caches first
         cancel_one()
     threads, fds, rss = threading.active_count(), open_fds(), rss_bytes()
     for _ in range(20):
         cancel_one()
-    wait_for(lambda: threading.active_count() <= threads, "threads to end")
+    wait_until(lambda: threading.active_count() <= threads, "threads to end")
     assert open_fds() <= fds + 2
     assert rss_bytes() - rss < 64 * 1024 * 1024
     assert len(engine.steps_at_cancel) == 23

@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,48 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.engine import Emit, StopRequested, ThreadedEngine
+from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
-from pipeline.jobs import ContentFiltered, EngineError, Job, ModelProfile, Result
+from pipeline.jobs import ContentFiltered, Job, Result
 from pipeline.loading import ModelSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
 from tests.conftest import make_settings, sdk_client
+from tests.held import HeldRunner
 from tests.servers import live_server
+from tests.waiting import wait_until
 
 REQUEST = {"size": "64x64", "num_inference_steps": 4, "partial_images": 2}
-
-
-class HeldRunner:
-    """The real runner, noting how many jobs each pipeline call runs; the first call waits
-    for `gate`, so that the requests sent meanwhile queue behind it."""
-
-    def __init__(self, runner: FluxRunner) -> None:
-        self._runner = runner
-        self.gate = threading.Event()
-        self.calls: list[int] = []
-
-    @property
-    def profile(self) -> ModelProfile:
-        return self._runner.profile
-
-    def loaded_loras(self) -> frozenset[str]:
-        return self._runner.loaded_loras()
-
-    def run(self, job: Job, emit: Emit, stop_requested: StopRequested) -> Result:
-        self._enter(1)
-        return self._runner.run(job, emit, stop_requested)
-
-    def run_batch(
-        self, jobs: Sequence[Job], emits: Sequence[Emit], stop_requested: StopRequested
-    ) -> list[Result | EngineError]:
-        self._enter(len(jobs))
-        return self._runner.run_batch(jobs, emits, stop_requested)
-
-    def _enter(self, jobs: int) -> None:
-        if not self.calls:
-            self.gate.wait(timeout=60)
-        self.calls.append(jobs)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +48,6 @@ def engine(held: HeldRunner) -> ThreadedEngine:
 def server(engine: ThreadedEngine, tmp_path: Path) -> Iterator[str]:
     with live_server(create_app(make_settings(tmp_path), engine)) as url:
         yield url
-
-
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def stream(base_url: str, prompt: str, seed: int) -> list[Any]:
@@ -111,9 +72,9 @@ def test_two_queued_requests_share_one_call_and_each_gets_what_it_gets_alone(
     asked = {"a lighthouse at dusk": 11, "a red fox in snow": 22}
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(stream, server, "a bowl of fruit", 1)
-        wait_for(lambda: engine.load().running == 1)
+        wait_until(lambda: engine.load().running == 1, "the first job to start")
         batched = [pool.submit(stream, server, prompt, seed) for prompt, seed in asked.items()]
-        wait_for(lambda: engine.queued == 2)
+        wait_until(lambda: engine.queued == 2, "two jobs to queue")
         held.gate.set()
         first.result()
         together = [future.result() for future in batched]

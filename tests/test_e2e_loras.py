@@ -27,10 +27,11 @@ from pipeline.loras import LoraSpec
 from pipeline.runner import FluxRunner
 from stream.app import create_app
 from tests.conftest import make_settings, sdk_client
+from tests.held import HeldRunner
 from tests.images import encoded, hole_mask, noise_image
 from tests.loras import default_targets, random_pairs, save_peft_lora, transformer_shapes
 from tests.servers import live_server
-from tests.test_e2e_batching import HeldRunner, wait_for
+from tests.waiting import wait_until
 
 FAST = {"size": "64x64", "num_inference_steps": 2}
 
@@ -230,11 +231,11 @@ def test_concurrent_requests_with_different_loras_each_get_their_own_image(
     asked = [(11, a), (12, b), (13, a), (14, [])]
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(generate, server, 10, [])
-        wait_for(lambda: engine.load().running == 1)
+        wait_until(lambda: engine.load().running == 1, "the first job to start")
         futures = []
         for queued, (seed, loras) in enumerate(asked, start=1):  # in this order
             futures.append(pool.submit(generate, server, seed, loras))
-            wait_for(lambda queued=queued: engine.queued == queued)
+            wait_until(lambda queued=queued: engine.queued == queued, f"{queued} jobs to queue")
         held.gate.set()
         first.result()
         images = [future.result() for future in futures]

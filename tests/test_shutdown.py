@@ -6,24 +6,16 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from tests.servers import free_port, wait_healthy
+from tests.waiting import wait_until
 
 STREAM = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 100}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def health(url: str) -> int:
@@ -79,7 +71,7 @@ def test_sigterm_drains_then_stops_what_outlasts_the_grace_period_and_exits(
             second_lines = second.iter_lines()
             assert next(second_lines).startswith(": queued position=1")
             process.send_signal(signal.SIGTERM)
-            wait_for(lambda: health(url) == 503, "health to report draining")
+            wait_until(lambda: health(url) == 503, "health to report draining", 120, 0.05)
             refused = httpx.post(f"{url}{generations}", json={"prompt": "x"})
             first_types = [event["type"] for event in first_events]
             second_last = list(data_lines(second_lines))[-1]
