@@ -40,7 +40,7 @@ def tiny_vae_folder(spec: ModelSpec) -> Path | None:
 def auto_preview(spec: ModelSpec) -> str:
     """`tiny` where a tiny VAE was given at start-up (TAEF1 decodes in a few ms next to a
     FLUX step of 100+), else `linear`. The embedded model's own tiny decoder is offered
-    but not the default: next to its 17 ms steps it costs more than a step (bench.previews)."""
+    but not the default: next to its 17 ms steps it costs about three (bench.previews)."""
     return "tiny" if spec.tiny_vae is not None else "linear"
 
 

@@ -33,7 +33,10 @@ from tests.loras import default_targets, random_pairs, save_peft_lora, transform
 from tests.servers import live_server
 from tests.waiting import wait_until
 
-FAST = {"size": "64x64", "num_inference_steps": 2}
+# 128 px, the smallest size the embedded model was trained at (at 64 every seed gives
+# nearly the same flat picture).
+FAST = {"size": "128x128", "num_inference_steps": 2}
+SIDE = 128
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def alone(runner: FluxRunner, lora_dir: Path, seed: int, *loras: tuple[str, floa
         path = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
         info = path.stat()
         refs.append(LoraRef(name, str(path.resolve()), scale, (info.st_size, info.st_mtime_ns)))
-    job = Job("a red circle", 64, 64, (seed,), 2, 3.5, loras=tuple(refs))
+    job = Job("a red circle", SIDE, SIDE, (seed,), 2, 3.5, loras=tuple(refs))
     image = runner.run(job, lambda event: None, lambda: False).images[0]
     return np.asarray(image.convert("RGB"), np.int16)
 
@@ -248,7 +251,13 @@ def test_concurrent_requests_with_different_loras_each_get_their_own_image(
     for got, solo, (_, loras) in zip(images, expected, asked, strict=True):
         # Batched CPU kernels round differently (as for n > 1); alone is exact.
         assert np.abs(got - solo).max() <= (2 if loras == a else 0)
-    assert np.abs(images[0] - images[2]).mean() > 5
+    # The two that shared a call each got their own seed's picture, not the other's (with
+    # this LoRA the seeds' pictures differ little, so nearer is the test).
+    for mine, other in ((0, 2), (2, 0)):
+        assert (
+            np.abs(images[mine] - expected[mine]).mean()
+            < np.abs(images[mine] - expected[other]).mean()
+        )
 
 
 def test_the_node_sdk_sends_loras_and_reads_what_ran(node_sdk: Path, open_server: str) -> None:

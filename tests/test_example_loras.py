@@ -29,6 +29,8 @@ from tests.servers import live_server
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "loras"
 PROMPT = "a large red square in the center on a white background"
+# Pastel is judged on a dark, saturated picture: on a white one there is little to lighten.
+DARK_PROMPT = "a large red square in the center on a blue background"
 SEEDS = (1, 2, 3, 4)
 SIZE = "256x256"
 
@@ -41,8 +43,10 @@ def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield url
 
 
-def generate(url: str, seed: int, loras: list[dict[str, Any]] | None = None) -> bytes:
-    body: dict[str, Any] = {"prompt": PROMPT, "size": SIZE, "response_format": "b64_json"}
+def generate(
+    url: str, seed: int, loras: list[dict[str, Any]] | None = None, prompt: str = PROMPT
+) -> bytes:
+    body: dict[str, Any] = {"prompt": prompt, "size": SIZE, "response_format": "b64_json"}
     body["seed"] = seed
     if loras is not None:
         body["loras"] = loras
@@ -66,9 +70,11 @@ def saturation(image: np.ndarray) -> float:
     return float((image.max(axis=-1) - image.min(axis=-1)).mean())
 
 
-def pictures(url: str, name: str | None, scale: float = 1.0) -> list[np.ndarray]:
+def pictures(
+    url: str, name: str | None, scale: float = 1.0, prompt: str = PROMPT
+) -> list[np.ndarray]:
     loras = None if name is None else [{"path": name, "scale": scale}]
-    return [rgb(generate(url, seed, loras)) for seed in SEEDS]
+    return [rgb(generate(url, seed, loras, prompt)) for seed in SEEDS]
 
 
 def test_the_server_lists_both_examples(server: str) -> None:
@@ -90,8 +96,8 @@ def test_outline_leaves_much_less_of_the_picture_in_the_object_s_colour(server: 
 
 
 def test_pastel_makes_the_picture_lighter_and_less_saturated(server: str) -> None:
-    base = pictures(server, None)
-    pastel = pictures(server, "pastel.safetensors")
+    base = pictures(server, None, prompt=DARK_PROMPT)
+    pastel = pictures(server, "pastel.safetensors", prompt=DARK_PROMPT)
     for plain, soft in zip(base, pastel, strict=True):
         # Pastel mixes every colour half with white: at least 40 % of that lightening.
         assert soft.mean() > plain.mean() + 0.4 * scenes.PASTEL_WHITE * (1 - plain.mean())

@@ -109,14 +109,14 @@ class Plan:
 
     shape: EmbeddedShape = field(default_factory=EmbeddedShape)
     vae_steps: int = 3500
-    text_steps: int = 400
+    text_steps: int = 1200
     # The transformer's learning-rate cycles, each a resumable phase of its own name.
     flow: tuple[tuple[str, FlowStage], ...] = (
         ("flow", FlowStage(4200, 6e-4, BUCKETS)),
         ("refine", FlowStage(5000, 3e-4, REFINE_BUCKETS, one_object=0.75)),
     )
     distill: FlowStage = FlowStage(500, 1.5e-4, REFINE_BUCKETS, one_object=0.75)
-    tiny_steps: int = 600
+    tiny_steps: int = 1500
     checkpoint_every: int = 200
 
 
@@ -488,21 +488,18 @@ def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, plan.text_steps, 1e-3, warmup=20)
             pooled, sequence = encode_text(pipe, [s.caption for s in said])
-            losses, right = [], []
-            for logits in (heads["clip_head"](pooled), heads["t5_head"](sequence.mean(dim=1))):
+            losses, right = [], {}
+            read = {"clip": heads["clip_head"](pooled), "t5": heads["t5_head"](sequence.mean(1))}
+            for encoder, logits in read.items():
+                correct = []
                 for fact, scores in enumerate(logits.split(FACTS, dim=-1)):
                     losses.append(torch.nn.functional.cross_entropy(scores, labels[:, fact]))
-                    right.append((scores.argmax(-1) == labels[:, fact]).float().mean())
+                    correct.append((scores.argmax(-1) == labels[:, fact]).float().mean())
+                right[encoder] = torch.stack(correct).mean().item()
             loss = torch.stack(losses).sum()
             descend(opt, loss)
             if step % 50 == 0 or step == plan.text_steps - 1:
-                log(
-                    "text",
-                    step,
-                    plan.text_steps,
-                    loss=loss.item(),
-                    accuracy=torch.stack(right).mean().item(),
-                )
+                log("text", step, plan.text_steps, loss=loss.item(), **right)
             if (step + 1) % plan.checkpoint_every == 0 or step == plan.text_steps - 1:
                 state = {name: part.state_dict() for name, part in parts.items()}
                 checkpoints.save("text", step + 1, {**state, "optimizer": opt.state_dict()})
