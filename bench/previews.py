@@ -5,7 +5,8 @@
 - cost: time of one preview (latents -> small RGB, what the step callback does) over the
   time of one denoising step (the interval between two step-end callbacks: transformer
   plus scheduler);
-- end to end: a streamed request through a real uvicorn server with the OpenAI SDK,
+- end to end: a streamed request through a real server (`python -m stream`, in a process
+  of its own) with the OpenAI SDK,
   `partial_images=3` over the same request with `partial_images=0`;
 - convergence: through the same server, a preview at every step of a --convergence-steps
   request at the model's default size, per decoder: PSNR of each against the final image.
@@ -32,17 +33,14 @@ from diffusers import FluxPipeline
 from openai import OpenAI
 from PIL import Image
 
-from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
 from pipeline.previews import AutoencoderPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
-from stream.app import create_app
 from stream.params import preview_size
-from stream.settings import Settings
 from tests.conftest import sdk_client
 from tests.images import decode_b64, psnr
-from tests.servers import live_server
+from tests.servers import server_process
 
 GENERIC_PROMPT = "a lighthouse at dusk"
 
@@ -134,13 +132,12 @@ def report_size(
 
 
 def report_end_to_end(runner: FluxRunner, scratch: Path, args: argparse.Namespace) -> None:
-    settings = Settings(
-        data_dir=scratch / "images",
-        cache_dir=scratch / "cache",
-        max_partial_images=args.convergence_steps - 1,
-    )
-    app = create_app(settings, ThreadedEngine(runner, max_queued=4))
-    with live_server(app) as url:
+    """Through `python -m stream` in a process of its own, as deployed."""
+    flags = ["--model", args.model, "--max-partial-images", str(args.convergence_steps - 1)]
+    flags += ["--preview-max-side", str(args.preview_max_side)]
+    if args.tiny_vae is not None:
+        flags += ["--preview-tiny-vae", str(args.tiny_vae)]
+    with server_process(scratch, *flags) as url:
         client = sdk_client(url)
         for side in args.sizes:
             report_streamed(client, side, args)
@@ -181,7 +178,7 @@ def report_streamed(client: OpenAI, side: int, args: argparse.Namespace) -> None
                 size=f"{side}x{side}",
                 stream=True,
                 partial_images=partials,
-                extra_body={"num_inference_steps": args.steps, "seed": 0},
+                extra_body={"num_inference_steps": args.steps, "seed": 0, "preview": "linear"},
             )
         )
         assert len(events) == partials + 1

@@ -13,14 +13,9 @@ mile for one image of the same size (`bench.encode`): what the ratio is made of.
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,22 +24,7 @@ from bench.encode import generated_like, last_mile_table
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
 from tests.conftest import sdk_client
-from tests.servers import free_port, wait_healthy
-
-
-@contextmanager
-def server_process(model: str, scratch: Path) -> Iterator[str]:
-    """`python -m stream` on a free loopback port; its base URL until it is stopped."""
-    port = free_port()
-    flags = ["--port", str(port), "--model", model, "--cache-dir", str(scratch / "cache")]
-    flags += ["--data-dir", str(scratch / "images")]
-    process = subprocess.Popen([sys.executable, "-m", "stream", *flags])
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, timeout_s=600)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+from tests.servers import server_process
 
 
 def main() -> None:
@@ -73,7 +53,7 @@ def main() -> None:
         )
         return time.perf_counter() - started
 
-    with server_process(args.model, scratch) as url:
+    with server_process(scratch, "--model", args.model) as url:
         client = sdk_client(url)
 
         def streamed() -> float:

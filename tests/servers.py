@@ -4,14 +4,17 @@ receiver that plays a webhook endpoint."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,6 +40,23 @@ def wait_healthy(base_url: str, process: subprocess.Popen[Any], timeout_s: float
             pass
         time.sleep(0.2)
     raise AssertionError(f"the server did not become healthy (exit code {process.poll()})")
+
+
+@contextmanager
+def server_process(scratch: Path, *flags: str) -> Iterator[str]:
+    """`python -m stream` with `flags` in a process of its own, on a free loopback port, its
+    folders under `scratch`; its base URL until it is stopped. What benchmarks time: a
+    server thread in the client's process competes with it for the GIL."""
+    port = free_port()
+    command = [sys.executable, "-m", "stream", "--port", str(port)]
+    command += ["--cache-dir", str(scratch / "cache"), "--data-dir", str(scratch / "images")]
+    process = subprocess.Popen([*command, *flags])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, timeout_s=600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 @contextmanager
