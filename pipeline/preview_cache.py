@@ -40,8 +40,9 @@ def linear_decoder(vae: AutoencoderKL, cache_dir: Path) -> LinearPreviewDecoder:
     """The map the model ships beside its VAE's weights when it is readable, else
     `cached_linear_decoder`. The VAE's config names the folder it was loaded from: a local
     model's, the embedded model's cache, or a hub id's snapshot in the local cache."""
-    shipped = Path(vae.config.get("_name_or_path", "")) / SHIPPED_MAP.name
-    if shipped.is_file():
+    folder = vae.config.get("_name_or_path")
+    shipped = Path(folder) / SHIPPED_MAP.name if folder else None
+    if shipped is not None and shipped.is_file():
         try:
             return LinearPreviewDecoder.from_dict(json.loads(shipped.read_text()))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
