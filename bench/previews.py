@@ -137,7 +137,7 @@ def report_end_to_end(runner: FluxRunner, scratch: Path, args: argparse.Namespac
     flags += ["--preview-max-side", str(args.preview_max_side)]
     if args.tiny_vae is not None:
         flags += ["--preview-tiny-vae", str(args.tiny_vae)]
-    with server_process(scratch, *flags) as url:
+    with server_process(scratch / "cache", scratch / "images", *flags) as (_, url):
         client = sdk_client(url)
         for side in args.sizes:
             report_streamed(client, side, args)

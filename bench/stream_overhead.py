@@ -53,7 +53,8 @@ def main() -> None:
         )
         return time.perf_counter() - started
 
-    with server_process(scratch, "--model", args.model) as url:
+    folders = (scratch / "cache", scratch / "images")
+    with server_process(*folders, "--model", args.model) as (_, url):
         client = sdk_client(url)
 
         def streamed() -> float:

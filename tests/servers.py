@@ -43,20 +43,29 @@ def wait_healthy(base_url: str, process: subprocess.Popen[Any], timeout_s: float
 
 
 @contextmanager
-def server_process(scratch: Path, *flags: str) -> Iterator[str]:
-    """`python -m stream` with `flags` in a process of its own, on a free loopback port, its
-    folders under `scratch`; its base URL until it is stopped. What benchmarks time: a
-    server thread in the client's process competes with it for the GIL."""
+def server_process(
+    cache_dir: Path, data_dir: Path, *flags: str, timeout_s: float = 600
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m stream` with `flags` in a process of its own, on a free loopback port: the
+    process (to signal) and its base URL, once healthy. What benchmarks time (a server
+    thread in the client's process competes with it for the GIL) and what shutdown tests
+    signal. On exit a server still running is stopped: SIGTERM, then SIGKILL after 60 s."""
     port = free_port()
     command = [sys.executable, "-m", "stream", "--port", str(port)]
-    command += ["--cache-dir", str(scratch / "cache"), "--data-dir", str(scratch / "images")]
+    command += ["--cache-dir", str(cache_dir), "--data-dir", str(data_dir)]
     process = subprocess.Popen([*command, *flags])
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, timeout_s=600)
-        yield f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, timeout_s=timeout_s)
+        yield process, url
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
 
 
 @contextmanager

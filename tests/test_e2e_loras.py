@@ -35,8 +35,8 @@ from tests.waiting import wait_until
 
 # 128 px, the smallest size the embedded model was trained at (at 64 every seed gives
 # nearly the same flat picture).
-FAST = {"size": "128x128", "num_inference_steps": 2}
 SIDE = 128
+FAST = {"size": f"{SIDE}x{SIDE}", "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")

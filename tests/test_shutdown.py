@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 
-from tests.servers import free_port, wait_healthy
+from tests.servers import server_process
 from tests.waiting import wait_until
 
 STREAM = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 100}
@@ -25,25 +24,13 @@ def health(url: str) -> int:
         return 0
 
 
-@contextmanager
-def server_process(
+def draining_server(
     model_cache: Path, data_dir: Path, grace_s: float
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "stream", "--port", str(port), "--cache-dir", str(model_cache),
-        "--data-dir", str(data_dir), "--shutdown-grace-s", str(grace_s),
-        "--max-steps", "10000", "--max-partial-images", "100", "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, timeout_s=120)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+) -> AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
+    """A server with room for long streamed jobs and a grace period of `grace_s`."""
+    flags = ["--shutdown-grace-s", str(grace_s), "--max-steps", "10000"]
+    flags += ["--max-partial-images", "100", "--log-level", "warning"]
+    return server_process(model_cache, data_dir, *flags, timeout_s=120)
 
 
 def data_lines(lines: Iterator[str]) -> Iterator[dict[str, object]]:
@@ -59,7 +46,7 @@ def test_sigterm_drains_then_stops_what_outlasts_the_grace_period_and_exits(
     grace period ends, and its stream gets an `error` frame; new work is refused meanwhile."""
     data_dir = tmp_path / "images"
     generations = "/v1/images/generations"
-    with server_process(model_cache, data_dir, grace_s=10) as (process, url):
+    with draining_server(model_cache, data_dir, grace_s=10) as (process, url):
         short = {**STREAM, "num_inference_steps": 30}  # done well inside the grace period
         long = {**STREAM, "num_inference_steps": 10000}
         with (
@@ -92,7 +79,7 @@ def test_results_finished_during_the_drain_reach_their_stream_and_their_job(
     stored and sent, by the request's stream and by the job's follower."""
     # AVIF encodes slowly: the engine is done with the job well before its answer is.
     big = {"prompt": "x", "size": "1024x1024", "num_inference_steps": 3, "output_format": "avif"}
-    with server_process(model_cache, tmp_path / "images", grace_s=60) as (process, url):
+    with draining_server(model_cache, tmp_path / "images", grace_s=60) as (process, url):
         job = httpx.post(f"{url}/v1/images/jobs", json=big, timeout=30).json()
         with (
             httpx.stream(
