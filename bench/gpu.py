@@ -5,11 +5,20 @@ builds the full-size FLUX.1 [dev] architecture (11.9 B transformer parameters, T
 CLIP-L, the 16-channel VAE) with random weights directly on the GPU, and needs no
 download. `--model` loads real weights instead. `--tiny` runs the same code on the CPU on
 the embedded model at a small size; the test suite runs it so that this script cannot rot.
+`--model embedded` runs the embedded model on the chosen device (the GPU, say).
 
     .venv/bin/python -m bench.gpu                        # full-size, 1024², 28 steps, CUDA
     .venv/bin/python -m bench.gpu --quantize fp8         # plus the output difference vs bf16
     .venv/bin/python -m bench.gpu --quantize fp8-torchao # torchao's float8, to compare
+    .venv/bin/python -m bench.gpu --lora-rank 64          # plus per-request LoRA figures
     .venv/bin/python -m bench.gpu --tiny --json out.json
+
+With `--lora-rank R` the model serves LoRAs as `--lora-dir` does (QKV unfused; compiled,
+the hot-swap slot of rank R), and the run adds the step and image time with one random
+LoRA of rank R and with two of rank R/2 (together filling the slot), the time to switch
+to a cached LoRA and to one read from disk, and with `--quantize`, fp8 + LoRA against
+bf16 + the same LoRA. `graphs_compiled_after_warmup` counts these requests too, so 0
+means that switching LoRAs compiled nothing.
 
 Each figure goes through `ThreadedEngine` + `FluxRunner`, as a request would: the image
 time includes the VAE decode and PNG encoding of the final image; "warm-up" is the time
@@ -27,7 +36,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +54,14 @@ from diffusers.models.attention_dispatch import (
 from torch._dynamo.utils import counters
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from bench.lora import random_lora, switch_ms
+from pipeline.acceleration import runs_compiled
 from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers, flux_scheduler, flux_vae
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import warmup_jobs
-from pipeline.jobs import Job, Progress, Result
+from pipeline.jobs import Job, LoraRef, Progress, Result
 from pipeline.loading import ModelSpec, load_pipeline, model_profile, resolve_device
+from pipeline.loras import LoraBranches, LoraManager, LoraSlot, LoraSpec
 from pipeline.previews import fit_linear_decoder
 from pipeline.runner import FluxRunner
 from pipeline.speedups import SpeedupError, Speedups, apply_speedups
@@ -127,6 +139,8 @@ def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> FluxPipeline
     clip = CLIPTextModel(clip_config).to(device, dtype)
     vae = flux_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2).to(device, dtype)
     clip_tokenizer, t5_tokenizer = embedded_tokenizers()
+    # FLUX.1 [dev] reads 512 T5 tokens; the embedded tokenizer declares its model's 32.
+    t5_tokenizer.model_max_length = TEXT_TOKENS
     pipe = FluxPipeline(
         scheduler=flux_scheduler(),
         vae=vae,
@@ -196,6 +210,71 @@ def attention_sweep(
     return timings
 
 
+def vae_decode_ms(pipe: FluxPipeline, size: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per VAE decode of one `size`² latent, in the default (NCHW) layout and
+    channels-last: CUDA's GroupNorm works in NCHW, so channels-last may cost more than it
+    saves. Leaves the VAE contiguous; `apply_speedups` picks the layout afterwards."""
+    vae = pipe.vae
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn(
+        1, vae.config.latent_channels, side, side, device=vae.device, dtype=vae.dtype
+    )
+    timings = {}
+    for layout in (torch.channels_last, torch.contiguous_format):
+        vae.to(memory_format=layout)
+        decoded = latents.contiguous(memory_format=layout)
+        with torch.no_grad():
+            vae.decode(decoded)
+            _synchronize(vae.device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                vae.decode(decoded)
+            _synchronize(vae.device)
+        name = "channels_last" if layout == torch.channels_last else "contiguous"
+        timings[name] = (time.perf_counter() - started) / repeats * 1000
+    return timings
+
+
+def _generate(pipe: FluxPipeline, job: Job) -> Any:
+    return pipe(
+        prompt=job.prompt,
+        width=job.width,
+        height=job.height,
+        num_inference_steps=job.num_inference_steps,
+        generator=torch.Generator().manual_seed(job.seeds[0]),
+    ).images[0]
+
+
+@dataclass(frozen=True)
+class BenchLoras:
+    """One random LoRA of the slot's rank, and two of half of it that fill the slot."""
+
+    one: tuple[LoraRef, ...]
+    two: tuple[LoraRef, ...]
+
+    @classmethod
+    def write(cls, transformer: torch.nn.Module, rank: int, folder: Path) -> BenchLoras:
+        full, *halves = (
+            random_lora(folder / f"lora-{seed}.safetensors", transformer, r, seed)
+            for seed, r in enumerate((rank, rank // 2, rank // 2))
+        )
+        return cls((full,), tuple(halves))
+
+
+async def lora_figures(
+    engine: ThreadedEngine, runner: FluxRunner, job: Job, loras: BenchLoras, repeats: int
+) -> dict[str, Any]:
+    timed = {
+        name: asdict(await _measure(engine, replace(job, loras=refs), repeats))
+        for name, refs in (("1", loras.one), ("2", loras.two))
+    }
+    return {
+        "measurements": timed,
+        "switch_cached_ms": switch_ms(runner, loras.one, False, 10),
+        "switch_from_disk_ms": switch_ms(runner, loras.one, True, 3),
+    }
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -213,6 +292,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         pipe, name = full_size_pipeline(device, dtype), "FLUX.1-dev architecture, random weights"
     attention_ms = attention_sweep(pipe.transformer, args.size)
+    decode_ms = vae_decode_ms(pipe, args.size)
+    loras = BenchLoras.write(pipe.transformer, args.lora_rank, scratch) if args.lora_rank else None
     base_job = Job(
         prompt="a lighthouse at dusk, detailed, cinematic",
         width=args.size,
@@ -221,27 +302,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         num_inference_steps=args.steps,
         guidance_scale=3.5,
     )
-    reference = None
+    references: dict[str, Any] = {}
     if args.quantize != "none":
-        reference = pipe(
-            prompt=base_job.prompt,
-            width=args.size,
-            height=args.size,
-            num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(0),
-        ).images[0]
+        references["plain"] = _generate(pipe, base_job)
+        if loras is not None:
+            with LoraManager(LoraBranches.of(pipe.transformer), LoraSpec()).applied(loras.one):
+                references["lora"] = _generate(pipe, base_job)
     speedups = Speedups(
         compile=args.compile,
         compile_backend=args.compile_backend,
+        # LoRAs need Q, K and V apart, as the server's `--lora-dir` leaves them.
+        fuse_qkv="off" if loras is not None else "auto",
         quantize=args.quantize,
         attention_backend=args.attention_backend,
     )
+    if loras is not None and speedups.compiles(device):
+        LoraSlot.inject(pipe, args.lora_rank)
     applied = apply_speedups(pipe, speedups, device, scratch)
     # With the applied speed-ups, so that the warm-up compiles what requests will run.
     profile = model_profile("bench", pipe, applied)
+    manager = None
+    if loras is not None:
+        manager = LoraManager(
+            LoraSlot.of(pipe.transformer)
+            if runs_compiled(applied)
+            else LoraBranches.of(pipe.transformer),
+            LoraSpec(max_rank=args.lora_rank),
+        )
+        profile = replace(profile, loras=True, lora_max_rank=manager.max_rank)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runner = FluxRunner(pipe, profile, {"linear": fit_linear_decoder(pipe.vae)})
+    runner = FluxRunner(pipe, profile, {"linear": fit_linear_decoder(pipe.vae)}, loras=manager)
     started = time.perf_counter()
     engine = ThreadedEngine(
         runner, max_queued=4, warmup=warmup_jobs(profile, (args.size, args.size))
@@ -258,6 +349,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await _measure(engine, Job(**{**asdict(base_job), "partial_images": k}), args.repeats)
         for k in (0, 3)
     ]
+    with_loras = (
+        None if loras is None else await lora_figures(engine, runner, base_job, loras, args.repeats)
+    )
     result: dict[str, Any] = {
         "model": name,
         "device": str(
@@ -270,6 +364,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "speedups": list(applied),
         "attention_ms": attention_ms,
+        "vae_decode_ms": decode_ms,
         "warmup_s": warmup_s,
         "first_after_ready_ratio": first_after_ready_s / measurements[0].image_s,
         "other_shape_first_ratio": other_shape_s[0] / other_shape_s[1],
@@ -280,11 +375,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda"
         else None,
     }
-    if reference is not None:
-        events = [event async for event in engine.submit(base_job).events()]
+    if with_loras is not None:
+        result["loras"] = with_loras
+    for name, reference in references.items():
+        job = replace(base_job, loras=loras.one if name == "lora" and loras else ())
+        events = [event async for event in engine.submit(job).events()]
         final = events[-1]
         assert isinstance(final, Result)
-        result["fp8_psnr_vs_bf16_db"] = _psnr(np.asarray(final.images[0]), np.asarray(reference))
+        key = "fp8_psnr_vs_bf16_db" if name == "plain" else "fp8_lora_psnr_vs_bf16_lora_db"
+        result[key] = _psnr(np.asarray(final.images[0]), np.asarray(reference))
     await engine.aclose()
     return result
 
@@ -301,6 +400,9 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--quantize", choices=["none", "fp8", "fp8-torchao"], default="none")
     parser.add_argument("--attention-backend", help="a diffusers backend (default: SDPA's)")
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="also measure LoRAs (the slot's rank)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.size = args.size or (64 if args.tiny else 1024)
@@ -329,8 +431,28 @@ def main() -> None:
     print(f"graphs compiled after the warm-up: {result['graphs_compiled_after_warmup']}")
     if result["peak_gib"] is not None:
         print(f"peak GPU memory: {result['peak_gib']:.1f} GiB")
+    print(
+        "VAE decode ms: "
+        + ", ".join(f"{layout} {ms:.1f}" for layout, ms in result["vae_decode_ms"].items())
+    )
+    if "loras" in result:
+        figures = result["loras"]
+        base = result["measurements"][0]
+        print(f"LoRAs (rank {args.lora_rank} in all) | step ms | image s | step / no LoRA")
+        for count, m in figures["measurements"].items():
+            ratio = m["step_ms"] / base["step_ms"]
+            print(f"{count:>21} | {m['step_ms']:7.1f} | {m['image_s']:7.3f} | {ratio:.3f}x")
+        print(
+            f"switch to a cached LoRA {figures['switch_cached_ms']:.1f} ms, "
+            f"from disk {figures['switch_from_disk_ms']:.1f} ms"
+        )
     if "fp8_psnr_vs_bf16_db" in result:
         print(f"fp8 output vs bf16, same seed: PSNR {result['fp8_psnr_vs_bf16_db']:.1f} dB")
+    if "fp8_lora_psnr_vs_bf16_lora_db" in result:
+        print(
+            "fp8 + LoRA vs bf16 + LoRA, same seed: "
+            f"PSNR {result['fp8_lora_psnr_vs_bf16_lora_db']:.1f} dB"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -77,7 +77,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def switch_ms(
     runner: FluxRunner, refs: tuple[LoraRef, ...], from_disk: bool, repeats: int
 ) -> float:
-    """Median time to switch `refs` on and back off, without the denoising in between."""
+    """Median time to switch `refs` on and back off, without the denoising in between
+    (on a GPU, until the copies are done)."""
     manager = runner._loras
     assert manager is not None
     times = []
@@ -87,6 +88,8 @@ def switch_ms(
         started = time.perf_counter()
         with manager.applied(refs):
             pass
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 

@@ -12,7 +12,8 @@ from transformers import T5Config, T5EncoderModel
 from bench import gpu
 
 
-def test_bench_warm_up_compiles_everything_its_measured_requests_run() -> None:
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_bench_warm_up_compiles_everything_its_measured_requests_run(lora_rank: int) -> None:
     # The eager backend runs dynamo's capture as inductor does, in seconds on a CPU.
     torch._dynamo.reset()
     args = argparse.Namespace(
@@ -26,9 +27,11 @@ def test_bench_warm_up_compiles_everything_its_measured_requests_run() -> None:
         compile_backend="eager",
         quantize="none",
         attention_backend=None,
+        lora_rank=lora_rank,
     )
     result = asyncio.run(gpu.run(args))
     assert result["graphs_compiled_after_warmup"] == 0
+    assert ("loras" in result) == bool(lora_rank)
 
 
 def small_t5() -> T5EncoderModel:

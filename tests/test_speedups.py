@@ -186,13 +186,16 @@ def test_gpu_session_script_runs_every_measurement_on_the_cpu_in_tiny_mode(tmp_p
         timeout=600,
     )
     runs = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
-    assert sorted(runs) == ["bf16", "bf16-restart", "fp8"]
+    assert sorted(runs) == ["bf16", "bf16-restart", "embedded", "fp8", "lora", "lora-fp8"]
     result = runs["bf16"]
     assert [m["partial_images"] for m in result["measurements"]] == [0, 3]
     assert all(m["step_ms"] > 0 and m["image_s"] > 0 for m in result["measurements"])
     assert result["warmup_s"] > 0 and result["first_after_ready_ratio"] > 0
     assert result["attention_ms"]["native"] > 0 and result["other_shape_first_ratio"] > 0
     assert runs["fp8"]["fp8_psnr_vs_bf16_db"] > 25
+    assert runs["lora"]["graphs_compiled_after_warmup"] == 0
+    assert set(runs["lora"]["loras"]["measurements"]) == {"1", "2"}
+    assert runs["lora-fp8"]["fp8_lora_psnr_vs_bf16_lora_db"] > 25
     assert "need a CUDA GPU" in (tmp_path / "fp8-torchao.txt").read_text()
 
 
