@@ -1,4 +1,4 @@
-"""Start-up speed-ups of the loaded pipeline: fused QKV, fp8, channels-last VAE, compile.
+"""Start-up speed-ups of the loaded pipeline: fused QKV, fp8, compile.
 
 Each switch is `auto`, on or off. `auto` turns on what measured faster on CUDA (see
 bench/RESULTS.md) and leaves the CPU path plain. A switch that cannot work on the chosen
@@ -57,9 +57,6 @@ def apply_speedups(
         applied.append("fused-qkv")
     if speedups.quantize != "none":
         applied.append(_quantize(transformer, speedups, device))
-    if device.type == "cuda":
-        pipe.vae.to(memory_format=torch.channels_last)
-        applied.append("channels-last-vae")
     if speedups.attention_backend:
         try:
             transformer.set_attention_backend(speedups.attention_backend)
