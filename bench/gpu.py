@@ -11,6 +11,7 @@ the embedded model at a small size; the test suite runs it so that this script c
     .venv/bin/python -m bench.gpu --quantize fp8         # plus the output difference vs bf16
     .venv/bin/python -m bench.gpu --quantize fp8-torchao # torchao's float8, to compare
     .venv/bin/python -m bench.gpu --lora-rank 64          # plus per-request LoRA figures
+    .venv/bin/python -m bench.gpu --profile               # plus a profile of three steps
     .venv/bin/python -m bench.gpu --tiny --json out.json
 
 With `--lora-rank R` the model serves LoRAs as `--lora-dir` does (QKV unfused; compiled,
@@ -275,6 +276,22 @@ async def lora_figures(
     }
 
 
+def profile_steps(runner: FluxRunner, job: Job, rows: int = 25) -> str:
+    """The operators of a short job (three steps, after the engine has closed, so the
+    model is warm and idle) by their device time: where a step's time goes."""
+    device = runner.pipe.transformer.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    short = replace(job, num_inference_steps=3)
+    with torch.profiler.profile(activities=activities) as profiler:
+        runner.run(short, lambda event: None, lambda: False)
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table: str = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return table
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -385,6 +402,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         key = "fp8_psnr_vs_bf16_db" if name == "plain" else "fp8_lora_psnr_vs_bf16_lora_db"
         result[key] = _psnr(np.asarray(final.images[0]), np.asarray(reference))
     await engine.aclose()
+    if args.profile:
+        result["profile"] = profile_steps(runner, base_job)
     return result
 
 
@@ -403,6 +422,7 @@ def main() -> None:
     parser.add_argument(
         "--lora-rank", type=int, default=0, help="also measure LoRAs (the slot's rank)"
     )
+    parser.add_argument("--profile", action="store_true", help="also profile three steps")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.size = args.size or (64 if args.tiny else 1024)
@@ -453,6 +473,8 @@ def main() -> None:
             "fp8 + LoRA vs bf16 + LoRA, same seed: "
             f"PSNR {result['fp8_lora_psnr_vs_bf16_lora_db']:.1f} dB"
         )
+    if "profile" in result:
+        print(result["profile"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

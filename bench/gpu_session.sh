@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One whole GPU measurement for bench/RESULTS.md, sized for one lent-device call (under 10
 # minutes). Runs, in the order named (default: all, most important first):
-#   bf16          the targets, from a cold compile cache
-#   fp8           rowwise fp8, with its PSNR against bf16 for the same seed
+#   bf16          the targets, from a cold compile cache, and a profile of three steps
+#   fp8           rowwise fp8, with its PSNR against bf16 for the same seed, and a profile
 #   lora          bf16 with the compiled hot-swap slot, random LoRAs of rank 64 (#17)
 #   embedded      the trained embedded model at its default size, on the GPU
 #   fp8-torchao   torchao's float8, to compare with the rowwise layer
 #   lora-fp8      fp8 with the slot, and fp8 + LoRA against bf16 + LoRA
 #   bf16-restart  bf16 again from the warm compile cache, as a restart would
 # Each run has its own time limit, cut to what is left of SESSION_S (default 570 s), so a
-# slow compile costs that run only. The compile cache lives in .compile-cache/ (ignored),
+# slow compile costs that run only. Cold, bf16 took 170 s on an H200, fp8 and lora each
+# more than 160 s: one call holds about three runs, so name the ones still missing. The compile cache lives in .compile-cache/ (ignored),
 # which a device machine keeps between calls while it stays warm. Wheels carried in .whl/
 # are installed first.
 #   bash bench/gpu_session.sh                   # results in $OUT (or bench-out/)
@@ -49,12 +50,12 @@ measure() {
 
 run() {
   case $1 in
-    bf16) measure bf16 180 ;;
-    fp8) measure fp8 160 --quantize fp8 ;;
-    lora) measure lora 160 --lora-rank 64 ;;
-    embedded) measure embedded 90 --model embedded --size 256 --steps 8 ;;
-    fp8-torchao) measure fp8-torchao 120 --quantize fp8-torchao ;;
-    lora-fp8) measure lora-fp8 160 --lora-rank 64 --quantize fp8 ;;
+    bf16) measure bf16 200 --profile ;;
+    fp8) measure fp8 240 --quantize fp8 --profile ;;
+    lora) measure lora 220 --lora-rank 64 ;;
+    embedded) measure embedded 150 --model embedded --size 256 --steps 8 ;;
+    fp8-torchao) measure fp8-torchao 240 --quantize fp8-torchao --profile ;;
+    lora-fp8) measure lora-fp8 240 --lora-rank 64 --quantize fp8 ;;
     bf16-restart) measure bf16-restart 90 ;;
     *) echo "unknown run: $1" >&2 ;;
   esac

@@ -28,10 +28,12 @@ def test_bench_warm_up_compiles_everything_its_measured_requests_run(lora_rank: 
         quantize="none",
         attention_backend=None,
         lora_rank=lora_rank,
+        profile=bool(lora_rank),
     )
     result = asyncio.run(gpu.run(args))
     assert result["graphs_compiled_after_warmup"] == 0
     assert ("loras" in result) == bool(lora_rank)
+    assert ("aten::" in result.get("profile", "")) == bool(lora_rank)
 
 
 def small_t5() -> T5EncoderModel:
