@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -64,6 +65,22 @@ def test_the_judge_passes_every_rendered_scene_and_few_noise_images() -> None:
     noise = np.random.default_rng(0).integers(0, 256, (len(drawn), 256, 256, 3), dtype=np.uint8)
     guessed = rates(judge(Image.fromarray(n), s) for n, s in zip(noise, drawn, strict=True))
     assert guessed.background < 0.2 and guessed.colour < 0.4
+
+
+def test_side_asks_only_the_left_or_right_half_position_every_half_named() -> None:
+    item = scenes.SceneObject("square", "red", "large", "top right")
+    drawn = scenes.Scene("blue", (item,))
+    picture = Image.fromarray((scenes.render(drawn, 256, 256) * 255).astype(np.uint8))
+
+    def asked(position: str) -> tuple[bool, bool]:
+        verdict = judge(picture, replace(drawn, objects=(replace(item, position=position),)))
+        return verdict.position, verdict.side
+
+    assert asked("top right") == (True, True)
+    assert asked("bottom right") == (False, True)
+    assert asked("right") == (True, True)
+    assert asked("top left") == (False, False)
+    assert asked("top") == (True, True)
 
 
 def test_a_request_without_a_size_gets_the_size_the_model_draws_best(server: str) -> None:

@@ -6,6 +6,12 @@ the nearest of the world's backgrounds to the picture's top and bottom rows; the
 every pixel far from its row's background colour; its colour is the nearest palette colour
 to their median, its position the side of the picture its centroid falls in, and its shape
 (circle, square or triangle) the one whose fill of its bounding box is nearest (π/4, 1, 1/2).
+
+Two position checks: `position` wants every half the caption names (a "top left" object
+in the top half and the left half; a centred one in the middle box), `side` only the
+issue's "rough position", the left or right half where the caption names one (else the
+same as `position`). A corner object on the right side but the wrong row counts for
+`side`, not for `position`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class Verdict:
     background: bool
     colour: bool
     position: bool
+    side: bool
     # None where the shape has no fill-ratio test (star, house, tree).
     shape: bool | None
 
@@ -68,6 +75,13 @@ def _position_right(centroid: tuple[float, float], position: str) -> bool:
     return all(checks)
 
 
+def _side_right(centroid: tuple[float, float], position: str) -> bool:
+    want_x, _ = POSITIONS[position]
+    if want_x == 0.5:
+        return _position_right(centroid, position)
+    return (centroid[0] < 0.5) == (want_x < 0.5)
+
+
 def judge(image: Image.Image, scene: Scene) -> Verdict:
     """How `image` fares against `scene`, which must have exactly one object."""
     (item,) = scene.objects
@@ -78,7 +92,7 @@ def judge(image: Image.Image, scene: Scene) -> Verdict:
     mask = distance > _FOREGROUND
     if mask.mean() < _MIN_OBJECT_SHARE:
         missing = False if item.shape in FILL_RATIOS else None
-        return Verdict(background == scene.background, False, False, missing)
+        return Verdict(background == scene.background, False, False, False, missing)
     colour = _nearest(np.median(pixels[mask], axis=0), {k: np.array(v) for k, v in COLOURS.items()})
     ys, xs = np.nonzero(mask)
     height, width = mask.shape
@@ -91,6 +105,7 @@ def judge(image: Image.Image, scene: Scene) -> Verdict:
         background=background == scene.background,
         colour=colour == item.colour,
         position=_position_right(centroid, item.position),
+        side=_side_right(centroid, item.position),
         shape=shape,
     )
 
@@ -101,12 +116,13 @@ class Rates:
     background: float
     colour: float
     position: float
+    side: float
     shape: float
 
     def __str__(self) -> str:
         return (
             f"{self.count} images: background {self.background:.0%}, colour {self.colour:.0%}, "
-            f"position {self.position:.0%}, shape {self.shape:.0%}"
+            f"position {self.position:.0%} (side {self.side:.0%}), shape {self.shape:.0%}"
         )
 
 
@@ -118,5 +134,6 @@ def rates(verdicts: Iterable[Verdict]) -> Rates:
         background=float(np.mean([v.background for v in listed])),
         colour=float(np.mean([v.colour for v in listed])),
         position=float(np.mean([v.position for v in listed])),
+        side=float(np.mean([v.side for v in listed])),
         shape=float(np.mean(shaped)) if shaped else float("nan"),
     )
