@@ -16,7 +16,10 @@ long one restarts from its last checkpoint, with the same data it would have see
    with 10 % empty captions and object pixels weighted up, at many sizes;
 4. it goes on learning, in a second learning-rate cycle, where it is judged: mostly at
    the default 256x256, on scenes of one object three times in four (binding a colour and
-   a place to one object comes first; the first cycle's loss was still falling);
+   a place to one object comes first; the first cycle's loss was still falling); then a
+   third, gentler cycle polishes what it still got wrong: sides (half of each batch
+   comes as mirror pairs, a scene and its left-right flip, captioned with left and right
+   swapped) and small objects (their pixels count more);
 5. guidance distillation, as FLUX.1 [dev] was made: a student learns to give in one call
    what classifier-free guidance at scale g gives the teacher in two, with g in its
    guidance embedding, so `guidance_scale` means what it means for [dev];
@@ -91,21 +94,41 @@ REFINE_BUCKETS: Buckets = (
     (256, 384, 5, 0.03),
 )
 
+# The third cycle's sizes: the default size above all (where sides and small objects were
+# judged wrong), the others only so that they are not forgotten.
+POLISH_BUCKETS: Buckets = (
+    (256, 256, 8, 0.70),
+    (128, 128, 32, 0.07),
+    (192, 192, 14, 0.07),
+    (384, 384, 4, 0.06),
+    (512, 512, 2, 0.06),
+    (384, 256, 5, 0.02),
+    (256, 384, 5, 0.02),
+)
+
 
 @dataclass(frozen=True)
 class FlowStage:
     """A run of the transformer's training: its steps, peak learning rate, sizes, and how
-    often a scene has one object (None: as the grammar draws them, one or two equally)."""
+    often a scene has one object (None: as the grammar draws them, one or two equally).
+
+    `mirrored` is the share of each batch (at most a half) given as mirror pairs: a scene
+    with an object off the vertical centre line and its left-right flip, both captions
+    stating positions, so that the two differ only in the side words. `small_weight` is how
+    much more a small object's tokens count in the loss than a large one's (a small object
+    covers a third of the tokens, so it weighed a third as much)."""
 
     steps: int
     lr: float
     buckets: Buckets
     one_object: float | None = None
+    mirrored: float = 0.0
+    small_weight: float = 1.0
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Steps of each phase; the shipped model's plan takes about 100 minutes on two cores."""
+    """Steps of each phase; the shipped model's plan takes about 130 minutes on two cores."""
 
     shape: EmbeddedShape = field(default_factory=EmbeddedShape)
     vae_steps: int = 3500
@@ -114,6 +137,12 @@ class Plan:
     flow: tuple[tuple[str, FlowStage], ...] = (
         ("flow", FlowStage(4200, 6e-4, BUCKETS)),
         ("refine", FlowStage(5000, 3e-4, REFINE_BUCKETS, one_object=0.75)),
+        (
+            "polish",
+            FlowStage(
+                4000, 1.5e-4, POLISH_BUCKETS, one_object=0.75, mirrored=0.5, small_weight=1.7
+            ),
+        ),
     )
     distill: FlowStage = FlowStage(500, 1.5e-4, REFINE_BUCKETS, one_object=0.75)
     tiny_steps: int = 1500
@@ -121,6 +150,8 @@ class Plan:
 
 
 _TOY_BUCKETS: Buckets = ((64, 64, 2, 0.5), (64, 32, 2, 0.5))
+# Four pictures a step, so that the toy's polish has a mirror pair.
+_TOY_PAIR_BUCKETS: Buckets = ((64, 64, 4, 1.0),)
 TINY_PLAN = Plan(
     shape=TINY_SHAPE,
     vae_steps=3,
@@ -128,6 +159,7 @@ TINY_PLAN = Plan(
     flow=(
         ("flow", FlowStage(4, 6e-4, _TOY_BUCKETS)),
         ("refine", FlowStage(2, 3e-4, _TOY_BUCKETS, one_object=0.75)),
+        ("polish", FlowStage(2, 1.5e-4, _TOY_PAIR_BUCKETS, mirrored=0.5, small_weight=1.7)),
     ),
     distill=FlowStage(2, 1.5e-4, _TOY_BUCKETS),
     tiny_steps=2,
@@ -160,8 +192,45 @@ def scene_batch(
             scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
             for _ in range(count)
         ]
+    return drawn, pictures(drawn, width, height, style)
+
+
+def pictures(drawn: list[scenes.Scene], width: int, height: int, style: str) -> torch.Tensor:
+    """The scenes rendered in [-1, 1], (count, 3, height, width)."""
     pixels = np.stack([scenes.render(scene, width, height, style=style) for scene in drawn])
-    return drawn, torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
+
+
+# Positions and their left-right mirror images (the others mirror to themselves).
+MIRRORED_POSITIONS = {
+    "left": "right",
+    "right": "left",
+    "top left": "top right",
+    "top right": "top left",
+    "bottom left": "bottom right",
+    "bottom right": "bottom left",
+}
+
+
+def mirror(scene: scenes.Scene) -> scenes.Scene:
+    """`scene` flipped left to right. Every shape is symmetric about its vertical axis, so
+    rendering this is flipping the picture: only the positions and x jitters change."""
+    items = tuple(
+        replace(item, position=MIRRORED_POSITIONS.get(item.position, item.position), dx=-item.dx)
+        for item in scene.objects
+    )
+    return replace(scene, objects=items)
+
+
+def sided_scene(rng: random.Random, one_object: float | None) -> scenes.Scene:
+    """A scene with an object off the vertical centre line: mirroring it changes it."""
+    while True:
+        if one_object is None:
+            scene = scenes.random_scene(rng)
+        else:
+            scene = scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
+        if any(item.position in MIRRORED_POSITIONS for item in scene.objects):
+            return scene
 
 
 @dataclass(frozen=True)
@@ -178,6 +247,12 @@ class Said:
     @classmethod
     def draw(cls, rng: random.Random, scene: scenes.Scene) -> Said:
         return cls(scene, rng.random() < 0.1, rng.random() > 0.25, rng.random() > 0.15)
+
+    @classmethod
+    def mirror_pair(cls, rng: random.Random, scene: scenes.Scene) -> tuple[Said, Said]:
+        """`scene` and its mirror, both captioned with positions (the pair teaches sides)."""
+        said = cls(scene, sizes=rng.random() > 0.25)
+        return said, replace(said, scene=mirror(scene))
 
     @property
     def caption(self) -> str:
@@ -382,9 +457,21 @@ class FlowBatch:
         step: int,
         style: str = "plain",
         one_object: float | None = None,
+        mirrored: float = 0.0,
+        small_weight: float = 1.0,
     ) -> None:
-        drawn, images = scene_batch(rng, width, height, count, style, one_object)
+        pairs = int(count * mirrored) // 2
+        drawn, images = scene_batch(rng, width, height, count - 2 * pairs, style, one_object)
         self.said = [Said.draw(rng, scene) for scene in drawn]
+        if pairs:
+            twins = [
+                said
+                for _ in range(pairs)
+                for said in Said.mirror_pair(rng, sided_scene(rng, one_object))
+            ]
+            self.said += twins
+            images = torch.cat([images, pictures([s.scene for s in twins], width, height, style)])
+            drawn = [said.scene for said in self.said]
         vae = pipe.vae
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(
@@ -394,7 +481,7 @@ class FlowBatch:
         channels, h, w = latents.shape[1:]
         self.clean = pipe._pack_latents(latents, count, channels, h, w)
         self.img_ids = pipe._prepare_latent_image_ids(count, h // 2, w // 2, "cpu", torch.float32)
-        self.weights = self._object_weights(drawn, width, height)
+        self.weights = self._object_weights(drawn, width, height, small_weight)
         generator = torch.Generator().manual_seed(SEED + step)
         self.noise = torch.randn(self.clean.shape, generator=generator)
         mu = calculate_shift(self.clean.shape[1], 256, 4096, 0.5, 1.15)
@@ -410,17 +497,21 @@ class FlowBatch:
         return [said.caption for said in self.said]
 
     @staticmethod
-    def _object_weights(drawn: list[scenes.Scene], width: int, height: int) -> torch.Tensor:
+    def _object_weights(
+        drawn: list[scenes.Scene], width: int, height: int, small_weight: float = 1.0
+    ) -> torch.Tensor:
         """Per-token loss weights: flat backgrounds would dominate the loss, so the tokens
-        an object covers count up to four times more."""
+        an object covers count up to four times more (a small object's `small_weight`
+        times that again, or it weighs a third of a large one)."""
         masks = []
         for scene in drawn:
             cover = np.zeros((height, width), np.float32)
             for item in scene.objects:
-                cover = np.maximum(cover, scenes.object_mask(item, width, height))
+                weight = small_weight if item.size == "small" else 1.0
+                cover = np.maximum(cover, weight * scenes.object_mask(item, width, height))
             masks.append(cover)
         pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack(masks))[:, None], 16)
-        return 1 + 3 * pooled.flatten(1).clamp(0, 1)
+        return 1 + 3 * pooled.flatten(1).clamp(0, max(1.0, small_weight))
 
 
 def encode_text(pipe: FluxPipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +554,8 @@ def batches(
     for step in range(start, total):
         rng = step_rng(phase, step)
         width, height, count = rng.choices(sizes, odds)[0]
-        yield step, FlowBatch(pipe, rng, width, height, count, step, style, stage.one_object)
+        data = (stage.one_object, stage.mirrored, stage.small_weight)
+        yield step, FlowBatch(pipe, rng, width, height, count, step, style, *data)
 
 
 def train_text(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints) -> None:
