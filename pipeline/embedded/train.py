@@ -2,7 +2,7 @@
 
     python -m pipeline.embedded.train [--work .train] [--out pipeline/embedded]
 
-Six phases, each resumable from the work folder (a phase that finished is skipped; a
+The phases, each resumable from the work folder (a phase that finished is skipped; a
 long one restarts from its last checkpoint, with the same data it would have seen):
 1. the VAE learns to reconstruct scenes (FLUX's shape: 16 channels, 8x down), with a
    linear read-out of each latent pixel's colour so that `linear` previews can work;
