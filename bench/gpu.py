@@ -55,7 +55,7 @@ from diffusers.models.attention_dispatch import (
 from torch._dynamo.utils import counters
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from bench.lora import random_lora, switch_ms
+from bench.lora import psnr, random_lora, switch_ms
 from pipeline.acceleration import runs_compiled
 from pipeline.embedded import build_embedded_pipeline, embedded_tokenizers, flux_scheduler, flux_vae
 from pipeline.engine import ThreadedEngine
@@ -292,11 +292,6 @@ def profile_steps(runner: FluxRunner, job: Job, rows: int = 25) -> str:
     return table
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -400,7 +395,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         final = events[-1]
         assert isinstance(final, Result)
         key = "fp8_psnr_vs_bf16_db" if name == "plain" else "fp8_lora_psnr_vs_bf16_lora_db"
-        result[key] = _psnr(np.asarray(final.images[0]), np.asarray(reference))
+        result[key] = psnr(*(np.asarray(i, np.float64) for i in (final.images[0], reference)))
     await engine.aclose()
     if args.profile:
         result["profile"] = profile_steps(runner, base_job)
