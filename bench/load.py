@@ -17,15 +17,15 @@ import asyncio
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.servers import free_port, wait_healthy
+from tests.servers import server_process
 
 GENERATIONS = "/v1/images/generations"
 
@@ -116,18 +116,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    scratch = Path(tempfile.mkdtemp(prefix="fluxstream-load-"))
-    command = [
-        sys.executable, "-m", "stream", "--port", str(port), "--model", args.model,
-        "--cache-dir", str(args.cache_dir or scratch / "cache"), "--data-dir",
-        str(scratch / "images"), "--max-queued", str(args.max_queued), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, process, timeout_s=300)
-    return process, url
+def measured_server(
+    args: argparse.Namespace, stack: ExitStack
+) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """The server under load: `--url`'s (no process to read RSS from), or one of our own,
+    stopped and its scratch folder removed when `stack` closes."""
+    if args.url:
+        return None, args.url
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fluxstream-load-")))
+    flags = ["--model", args.model, "--max-queued", str(args.max_queued), "--log-level", "warning"]
+    cache_dir = args.cache_dir or scratch / "cache"
+    return stack.enter_context(server_process(cache_dir, scratch / "images", *flags, timeout_s=300))
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -152,18 +151,14 @@ def main() -> None:
     parser.add_argument("--solo-repeats", type=int, default=5)
     args = parser.parse_args()
 
-    process, url = (None, args.url) if args.url else start_server(args)
     body = {"prompt": "a lighthouse at dusk", "size": f"{args.size}x{args.size}",
             "num_inference_steps": args.steps, "response_format": "b64_json"}  # fmt: skip
-    try:
+    with ExitStack() as stack:
+        process, url = measured_server(args, stack)
         solo = asyncio.run(solo_seconds(url, body, args.solo_repeats))
         rss_before = rss_mib(process.pid) if process else float("nan")
         tally, wall, kinds = asyncio.run(load(url, body, args))
         rss_after = rss_mib(process.pid) if process else float("nan")
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
 
     solo_sum = sum(solo[kind] for kind in kinds)
     done = len(tally.latencies)
