@@ -10,9 +10,9 @@
 #   bf16-restart  bf16 again from the warm compile cache, as a restart would
 # Each run has its own time limit, cut to what is left of SESSION_S (default 570 s), so a
 # slow compile costs that run only. Cold, bf16 took 170 s on an H200, fp8 and lora each
-# more than 160 s: one call holds about three runs, so name the ones still missing. The compile cache lives in .compile-cache/ (ignored),
-# which a device machine keeps between calls while it stays warm. Wheels carried in .whl/
-# are installed first.
+# more than 160 s: one call holds about three runs, so name the ones still missing. The
+# compile cache lives in .compile-cache/ (ignored), which a device machine keeps between
+# calls while it stays warm. Wheels carried in .whl/ are installed first.
 #   bash bench/gpu_session.sh                   # results in $OUT (or bench-out/)
 #   bash bench/gpu_session.sh bf16-restart      # a second call on the same machine
 #   BENCH_GPU_ARGS=--tiny bash bench/gpu_session.sh bf16 lora   # on the CPU (the tests)

@@ -23,7 +23,7 @@ from pipeline.loading import (
     read_pipeline,
     resolve_device,
 )
-from pipeline.loras import BLANK, LoraBranches, LoraManager, LoraSlot, LoraTarget
+from pipeline.loras import BLANK, LoraManager, lora_target
 from pipeline.preview_cache import linear_decoder
 from pipeline.previews import AutoencoderPreviewDecoder, LinearPreviewDecoder, PreviewDecoder
 from pipeline.runner import FluxRunner
@@ -77,12 +77,7 @@ def create_flux_runner(spec: ModelSpec, safety: SafetySpec | None = None) -> Flu
     decoders = preview_decoders(pipe, spec, linear)
     loras = None
     if spec.loras is not None:
-        target: LoraTarget = (
-            LoraSlot.of(pipe.transformer)
-            if runs_compiled(applied)
-            else LoraBranches.of(pipe.transformer)
-        )
-        loras = LoraManager(target, spec.loras)
+        loras = LoraManager(lora_target(pipe.transformer, runs_compiled(applied)), spec.loras)
     runner = FluxRunner(
         pipe,
         dataclasses.replace(

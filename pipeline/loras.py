@@ -278,6 +278,12 @@ class LoraSlot:
             self._on = False
 
 
+def lora_target(transformer: nn.Module, compiled: bool) -> LoraTarget:
+    """The compiled model's slot (prepared by `LoraSlot.inject`), or branches patched per
+    job over the layers of an uncompiled one."""
+    return LoraSlot.of(transformer) if compiled else LoraBranches.of(transformer)
+
+
 class LoraManager:
     """Where LoRAs go, and an LRU cache of read LoRAs. Used from the engine's worker only,
     but `loaded` may be read from any thread."""

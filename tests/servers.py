@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,13 +59,20 @@ def server_process(
         wait_healthy(url, process, timeout_s=timeout_s)
         yield process, url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], kill: Callable[[], None] | None = None) -> None:
+    """Stop a server still running as an operator would: SIGTERM, then after 60 s `kill`
+    (default: SIGKILL to the process)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        (kill or process.kill)()
+        process.wait(timeout=30)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import make_settings, sdk_client
 from tests.redis_server import redis_server
-from tests.servers import free_port, wait_healthy
+from tests.servers import free_port, stop, wait_healthy
 from tests.test_jobs_api import events_of
 
 pytest.importorskip("ray.serve", reason="Ray Serve comes with the cluster extra")
@@ -72,12 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             wait_healthy(running.url, process, timeout_s=240)
             yield running
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            stop(process, kill=lambda: os.killpg(process.pid, signal.SIGKILL))
 
 
 def test_without_ray_address_it_starts_its_own_head_instead_of_joining_one_running_here(
