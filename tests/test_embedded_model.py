@@ -20,9 +20,22 @@ from diffusers import FluxPipeline
 from PIL import Image
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from pipeline.embedded import MODEL_DIR, TINY_VAE_DIR, embedded_tokenizers, scenes
+from pipeline.embedded import (
+    MODEL_DIR,
+    TINY_SHAPE,
+    TINY_VAE_DIR,
+    build_embedded_pipeline,
+    embedded_tokenizers,
+    scenes,
+)
 from pipeline.embedded.judge import Rates, judge, rates
-from pipeline.embedded.train import Checkpoints, StaleCheckpoint, tokenizer_stamp
+from pipeline.embedded.train import (
+    Checkpoints,
+    FlowBatch,
+    FlowStage,
+    StaleCheckpoint,
+    tokenizer_stamp,
+)
 from pipeline.engine import ThreadedEngine
 from pipeline.factory import create_flux_runner
 from pipeline.loading import ModelSpec
@@ -228,3 +241,17 @@ def test_a_checkpoint_made_with_other_token_ids_is_refused(tmp_path: Path) -> No
     assert made.load("text") is not None
     with pytest.raises(StaleCheckpoint, match="new --work folder"):
         Checkpoints(tmp_path, stamp="another").load("text")
+
+
+def test_distillation_also_learns_where_a_sampler_asks_first() -> None:
+    """A sampler's first step asks the transformer at pure noise, where guidance sets the
+    colours and the layout; the logit-normal draw of noise levels almost never goes there."""
+    pipe = build_embedded_pipeline(TINY_SHAPE)
+
+    def noise_levels(on_grid: float) -> torch.Tensor:
+        stage = FlowStage(1, 1e-4, ((64, 64, 64, 1.0),), on_grid=on_grid)
+        return FlowBatch(pipe, random.Random(0), 64, 64, 64, step=0, stage=stage).sigma
+
+    assert (noise_levels(0.0) > 0.99).sum() == 0
+    gridded = noise_levels(1.0)
+    assert (gridded == 1).sum() >= 2 and bool((gridded > 0).all())
