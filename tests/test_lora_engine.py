@@ -75,7 +75,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, shapes: dict[str, tuple[int
     half = {name: (a, b * 0.5) for name, (a, b) in b.items()}
     save_peft_lora(root / "b-without-alpha.safetensors", half)
     save_peft_lora(root / "c.safetensors", random_pairs(shapes, default_targets(), 2, seed=3))
-    save_kohya_lora(root / "kohya.safetensors", shapes, rank=4, seed=4, alpha=2)
+    save_kohya_lora(root / "kohya.safetensors", shapes, rank=4, seed=4, alpha=4)
     return root
 
 
