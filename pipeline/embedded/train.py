@@ -187,14 +187,16 @@ def scene_batch(
     one_object: float | None = None,
 ) -> tuple[list[scenes.Scene], torch.Tensor]:
     """`count` scenes and their pictures in [-1, 1], (count, 3, height, width)."""
-    if one_object is None:
-        drawn = [scenes.random_scene(rng) for _ in range(count)]
-    else:
-        drawn = [
-            scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
-            for _ in range(count)
-        ]
+    drawn = [drawn_scene(rng, one_object) for _ in range(count)]
     return drawn, pictures(drawn, width, height, style)
+
+
+def drawn_scene(rng: random.Random, one_object: float | None) -> scenes.Scene:
+    """A scene of one object with odds `one_object`, else of two (None: as the grammar
+    draws them)."""
+    if one_object is None:
+        return scenes.random_scene(rng)
+    return scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
 
 
 def pictures(drawn: list[scenes.Scene], width: int, height: int, style: str) -> torch.Tensor:
@@ -227,10 +229,7 @@ def mirror(scene: scenes.Scene) -> scenes.Scene:
 def sided_scene(rng: random.Random, one_object: float | None) -> scenes.Scene:
     """A scene with an object off the vertical centre line: mirroring it changes it."""
     while True:
-        if one_object is None:
-            scene = scenes.random_scene(rng)
-        else:
-            scene = scenes.random_scene(rng, objects=1 if rng.random() < one_object else 2)
+        scene = drawn_scene(rng, one_object)
         if any(item.position in MIRRORED_POSITIONS for item in scene.objects):
             return scene
 
@@ -514,7 +513,7 @@ class FlowBatch:
 
     @staticmethod
     def _object_weights(
-        drawn: list[scenes.Scene], width: int, height: int, small_weight: float = 1.0
+        drawn: list[scenes.Scene], width: int, height: int, small_weight: float
     ) -> torch.Tensor:
         """Per-token loss weights: flat backgrounds would dominate the loss, so the tokens
         an object covers count up to four times more (a small object's `small_weight`
