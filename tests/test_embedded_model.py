@@ -181,7 +181,7 @@ def test_the_shipped_model_is_small_enough_to_commit() -> None:
 
 def test_the_training_script_trains_a_toy_that_loads_and_resumes(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pipeline.embedded.train", "--tiny", "--threads", "1"]
-    command += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    command += ["--bf16", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     first = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     assert "flow 0/" in first.stdout and "wrote" in first.stdout
     pipe = FluxPipeline.from_pretrained(tmp_path / "out" / "model", local_files_only=True)
