@@ -34,6 +34,7 @@ from pipeline.embedded.train import (
     FlowBatch,
     FlowStage,
     StaleCheckpoint,
+    mixed_precision,
     tokenizer_stamp,
 )
 from pipeline.engine import ThreadedEngine
@@ -189,6 +190,17 @@ def test_the_training_script_trains_a_toy_that_loads_and_resumes(tmp_path: Path)
     assert image.images[0].size == (64, 64)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     assert "flow 0/" not in again.stdout, "a finished phase is not trained again"
+
+
+def test_a_bf16_run_computes_with_the_weights_of_each_step() -> None:
+    """An autocast cache kept for the whole run once trained stale bfloat16 copies."""
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    with mixed_precision(True):
+        first = layer(torch.ones(1, 4))
+        first.sum().backward()
+        opt.step()
+        assert not torch.equal(layer(torch.ones(1, 4)), first)
 
 
 def test_the_tokenizers_are_the_same_in_every_process() -> None:

@@ -177,6 +177,12 @@ def float32() -> torch.autocast:
     return torch.autocast("cpu", enabled=False)
 
 
+def mixed_precision(bf16: bool) -> torch.autocast:
+    """The whole run's context: without its weight cache, which lives until the outermost
+    autocast exits and so would give every forward pass the first step's weights."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+
+
 def log(phase: str, step: int, total: int, **values: float) -> None:
     shown = " ".join(f"{name} {value:.4f}" for name, value in values.items())
     print(f"[{time.strftime('%H:%M:%S')}] {phase} {step}/{total} {shown}", flush=True)
@@ -819,7 +825,7 @@ def train(plan: Plan, work: Path, out: Path, bf16: bool = False) -> None:
     torch.set_flush_denormal(True)
     pipe = build_embedded_pipeline(plan.shape)
     checkpoints = Checkpoints(work, tokenizer_stamp(pipe.tokenizer, pipe.tokenizer_2))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with mixed_precision(bf16):
         readout = train_vae(pipe.vae, plan, checkpoints)
         fit_latent_scale(pipe.vae)
         pipe.vae.requires_grad_(False).eval()
