@@ -46,7 +46,9 @@ from tests.images import decode_b64, pixels, psnr
 from tests.servers import live_server
 
 # Captions drawn from the grammar once, with their seeds: a fixed, varied set.
-FIXED_SCENES = [scenes.random_scene(random.Random(seed), objects=1) for seed in range(24)]
+# 100 captions measure a rate to about 4.5 points (24, as the set had, to 9:
+# too coarse to tell a model at 75 % from one at 65 %).
+FIXED_SCENES = [scenes.random_scene(random.Random(seed), objects=1) for seed in range(100)]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_pictures_follow_their_captions_to_the_issue_bar(server: str) -> None:
     """The issue's bar, at the default size and steps, on a fixed set of captions: the
     background, the object's colour and its rough position (the left or right half); and,
     stricter, every half the caption names (a corner's row too). Chance is 1 in 12, 1 in
-    9, about 1 in 2 and 1 in 4; the shipped model scores 100 %, 71 %, 75 % and 75 % on this
+    9, about 1 in 2 and 1 in 4; the shipped model scores 98 %, 71 %, 76 % and 75 % on this
     set; `bench.prompt_following` measures more captions."""
     measured = judged(server)
     assert measured.background >= 0.9, measured
