@@ -33,6 +33,17 @@ def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
     return tuple(round((j + 1) * total_steps / (count + 1)) for j in range(count))
 
 
+def pipeline_latents(vae: AutoencoderKL, raw: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents as the transformer sees them: FLUX's VAE shifts and scales its
+    latents to mean 0 and variance 1 (a VAE without a shift has none)."""
+    return (raw - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def vae_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The transformer's latents back as the VAE decodes them: `pipeline_latents` undone."""
+    return latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+
+
 class PreviewDecoder(Protocol):
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
         """Map one unpacked pipeline-space latent (16, h, w) to RGB of `size` (width, height)."""
@@ -100,9 +111,7 @@ class AutoencoderPreviewDecoder:
         reduced = (ceil(size[1] / self.scale_factor), ceil(size[0] / self.scale_factor))
         if self.reduce_latents and reduced[0] * reduced[1] < latents[0, 0].numel():
             latents = torch.nn.functional.interpolate(latents, size=reduced, mode="area")
-        config = self.vae.config
-        latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        decoded = self.vae.decode(latents, return_dict=False)[0][0].float()
+        decoded = self.vae.decode(vae_latents(self.vae, latents), return_dict=False)[0][0].float()
         return _to_image((decoded + 1) / 2, size)
 
 
@@ -136,10 +145,8 @@ def sample_latents(
     embedded model's random VAE, whose encodings are seven times smaller than the
     pipeline's latents: a map fitted on them alone extrapolates wildly.
     """
-    config = vae.config
     images = _synthetic_images(count, side, generator).to(vae.device, vae.dtype)
-    encoded = vae.encode(images).latent_dist.mean.float().cpu()
-    encoded = (encoded - (config.shift_factor or 0.0)) * config.scaling_factor
+    encoded = pipeline_latents(vae, vae.encode(images).latent_dist.mean.float().cpu())
     fields = _smooth_fields(count, encoded.shape[1], encoded.shape[-1], generator)
     return torch.cat([encoded, fields])
 
@@ -152,7 +159,7 @@ def fit_linear_decoder(
     config = vae.config
     factor = 2 ** (len(config.block_out_channels) - 1)
     latents = sample_latents(vae, samples, side, torch.Generator().manual_seed(0))
-    unscaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    unscaled = vae_latents(vae, latents)
     decoded = vae.decode(unscaled.to(vae.device, vae.dtype), return_dict=False)[0].float().cpu()
     target = torch.nn.functional.avg_pool2d((decoded + 1) / 2, factor)  # (n, 3, h, w) in [0, 1]
     source = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])

@@ -60,7 +60,7 @@ from pipeline.embedded import (
     tiny_vae,
 )
 from pipeline.preview_cache import SHIPPED_MAP
-from pipeline.previews import LinearPreviewDecoder
+from pipeline.previews import LinearPreviewDecoder, pipeline_latents, vae_latents
 
 SEED = 20261129
 Buckets = tuple[tuple[int, int, int, float], ...]
@@ -481,7 +481,7 @@ class FlowBatch:
             latents = vae.encode(images).latent_dist.sample(
                 generator=torch.Generator().manual_seed(step)
             )
-        latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
+        latents = pipeline_latents(vae, latents.float())
         channels, h, w = latents.shape[1:]
         self.clean = pipe._pack_latents(latents, count, channels, h, w)
         self.img_ids = pipe._prepare_latent_image_ids(count, h // 2, w // 2, "cpu", torch.float32)
@@ -738,19 +738,17 @@ def train_tiny_decoder(pipe: FluxPipeline, plan: Plan, checkpoints: Checkpoints)
     opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3, weight_decay=0.0)
     start, _ = resumed(checkpoints, "tiny", {"tiny": tiny}, opt)
     vae = pipe.vae.eval()
-    config = vae.config
     for step in range(start, plan.tiny_steps):
         rng = step_rng("tiny", step)
         side = rng.choice((64, 128, 192))
         _, images = scene_batch(rng, side, side, 8)
         with torch.no_grad():
             raw = vae.encode(images).latent_dist.mean.float()
-            scaled = (raw - config.shift_factor) * config.scaling_factor
+            scaled = pipeline_latents(vae, raw)
             # Half the latents are noised as the denoiser's x0 estimates are, early on.
             blur = torch.rand(len(scaled), 1, 1, 1) * (torch.rand(len(scaled), 1, 1, 1) < 0.5)
             scaled = (1 - blur) * scaled + blur * torch.randn(scaled.shape) * 0.5
-            latents = scaled / config.scaling_factor + config.shift_factor
-            target = vae.decode(latents).sample.float()
+            target = vae.decode(vae_latents(vae, scaled)).sample.float()
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, plan.tiny_steps, 1e-3, warmup=20)
         decoded = tiny.decode(scaled).sample.float()
