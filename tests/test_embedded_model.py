@@ -115,7 +115,7 @@ def test_pictures_follow_their_captions_to_the_issue_bar(server: str) -> None:
     """The issue's bar, at the default size and steps, on a fixed set of captions: the
     background, the object's colour and its rough position (the left or right half); and,
     stricter, every half the caption names (a corner's row too). Chance is 1 in 12, 1 in
-    9, about 1 in 2 and 1 in 4; the shipped model scores 93 %, 71 %, 76 % and 72 % on this
+    9, about 1 in 2 and 1 in 4; the shipped model scores 100 %, 81 %, 88 % and 88 % on this
     set; `bench.prompt_following` measures more captions."""
     measured = judged(server)
     assert measured.background >= 0.9, measured

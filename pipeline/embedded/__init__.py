@@ -44,7 +44,7 @@ HERE = Path(__file__).parent
 MODEL_DIR = HERE / "model"
 TINY_VAE_DIR = HERE / "tiny_vae"
 # Bump when the shipped model changes, so that a cached Kontext twin is made again.
-EMBEDDED_VERSION = "10"
+EMBEDDED_VERSION = "11"
 # Captions are short: T5 reads 32 tokens, in training and in serving (FLUX reads 512); the
 # T5 tokenizer declares it, so a copy of the model in another folder reads 32 too.
 MAX_SEQUENCE_LENGTH = 32
