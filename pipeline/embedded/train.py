@@ -502,7 +502,16 @@ class FlowBatch:
         self.weights = self._object_weights(drawn, width, height, stage.small_weight)
         generator = torch.Generator().manual_seed(SEED + step)
         self.noise = torch.randn(self.clean.shape, generator=generator)
-        mu = calculate_shift(self.clean.shape[1], 256, 4096, 0.5, 1.15) + stage.noise_shift
+        # The shift the pipeline's scheduler gives this token count, as `FluxPipeline` does.
+        schedule = pipe.scheduler.config
+        mu = calculate_shift(
+            self.clean.shape[1],
+            schedule.base_image_seq_len,
+            schedule.max_image_seq_len,
+            schedule.base_shift,
+            schedule.max_shift,
+        )
+        mu += stage.noise_shift
         logits = torch.randn(count, generator=generator)
         sigma = torch.sigmoid(logits)
         if stage.on_grid:
