@@ -34,6 +34,7 @@ import itertools
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -292,7 +293,30 @@ def profile_steps(runner: FluxRunner, job: Job, rows: int = 25) -> str:
     return table
 
 
+class Stages:
+    """Lines on stderr as each stage of a run ends, with the seconds since it began: a run
+    cut off by its time limit (a lent device's call) then still says how far it got and
+    what took the time, where its results would have said nothing."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def done(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+async def _warm(engine: ThreadedEngine, stages: Stages, every_s: float = 15.0) -> None:
+    """Wait for the engine's warm-up, saying every `every_s` how many graphs it compiled."""
+    said = time.perf_counter()
+    while engine.status == "warming":
+        await asyncio.sleep(0.05)
+        if time.perf_counter() - said >= every_s:
+            said = time.perf_counter()
+            stages.done(f"warming up: {counters['stats']['unique_graphs']} graphs compiled")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    stages = Stages()
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     scratch = Path(tempfile.mkdtemp(prefix="fluxstream-gpu-bench-"))
@@ -303,8 +327,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe, name = load_pipeline(ModelSpec(model=args.model, device=str(device))), args.model
     else:
         pipe, name = full_size_pipeline(device, dtype), "FLUX.1-dev architecture, random weights"
+    stages.done(f"built {name} on {device}")
     attention_ms = attention_sweep(pipe.transformer, args.size)
     decode_ms = vae_decode_ms(pipe, args.size)
+    stages.done("attention backends and VAE decode timed")
     loras = BenchLoras.write(pipe.transformer, args.lora_rank, scratch) if args.lora_rank else None
     base_job = Job(
         prompt="a lighthouse at dusk, detailed, cinematic",
@@ -320,6 +346,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if loras is not None:
             with LoraManager(LoraBranches.of(pipe.transformer), LoraSpec()).applied(loras.one):
                 references["lora"] = _generate(pipe, base_job)
+        stages.done(f"reference images in {dtype} for the {args.quantize} comparison")
     speedups = Speedups(
         compile=args.compile,
         compile_backend=args.compile_backend,
@@ -331,6 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if loras is not None and speedups.compiles(device):
         LoraSlot.inject(pipe, args.lora_rank)
     applied = apply_speedups(pipe, speedups, device, scratch)
+    stages.done(f"speed-ups applied: {', '.join(applied) or 'none'}")
     # With the applied speed-ups, so that the warm-up compiles what requests will run.
     profile = model_profile("bench", pipe, applied)
     manager = None
@@ -347,10 +375,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = ThreadedEngine(
         runner, max_queued=4, warmup=warmup_jobs(profile, (args.size, args.size))
     )
-    while engine.status == "warming":
-        await asyncio.sleep(0.05)
+    await _warm(engine, stages)
     warmup_s = time.perf_counter() - started
     graphs_after_warmup = counters["stats"]["unique_graphs"]
+    stages.done(f"warmed up in {warmup_s:.1f} s, {graphs_after_warmup} graphs compiled")
     _, first_after_ready_s = await _time_job(engine, base_job)
     # Another size and n than the warm-up's: a compiled model must not compile for it.
     other_shape = Job(**{**asdict(base_job), "width": args.size * 3 // 4, "seeds": (0, 1)})
@@ -359,9 +387,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await _measure(engine, Job(**{**asdict(base_job), "partial_images": k}), args.repeats)
         for k in (0, 3)
     ]
+    stages.done("steady images timed")
     with_loras = (
         None if loras is None else await lora_figures(engine, runner, base_job, loras, args.repeats)
     )
+    if with_loras is not None:
+        stages.done("LoRA figures")
     result: dict[str, Any] = {
         "model": name,
         "device": str(
@@ -397,6 +428,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await engine.aclose()
     if args.profile:
         result["profile"] = profile_steps(runner, base_job)
+        stages.done("profiled")
     return result
 
 

@@ -9,8 +9,10 @@
 #   lora-fp8      fp8 with the slot, and fp8 + LoRA against bf16 + LoRA
 #   bf16-restart  bf16 again from the warm compile cache, as a restart would
 # Each run has its own time limit, cut to what is left of SESSION_S (default 570 s), so a
-# slow compile costs that run only. Cold, bf16 took 170 s on an H200, fp8 and lora each
-# more than 160 s: one call holds about three runs, so name the ones still missing. The
+# slow compile costs that run only. Cold, bf16 took 146-170 s on an H200, fp8 and lora each
+# more than 160 s, torchao's fp8 more than 240 s: one call holds about three runs, so name
+# the ones still missing (bench/RESULTS.md lists them). Each run prints its stages as they
+# end, so a run cut off by its limit still says how far it got. The
 # compile cache lives in .compile-cache/ (ignored), which a device machine keeps between
 # calls while it stays warm. Wheels carried in .whl/ are installed first.
 #   bash bench/gpu_session.sh                   # results in $OUT (or bench-out/)
@@ -22,7 +24,7 @@ session=${SESSION_S:-570}
 out=${OUT:-bench-out}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit
   export PYTHONPATH=/tmp/site:.
 fi
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.compile-cache/inductor TRITON_CACHE_DIR=$PWD/.compile-cache/triton
@@ -54,7 +56,7 @@ run() {
     fp8) measure fp8 240 --quantize fp8 --profile ;;
     lora) measure lora 220 --lora-rank 64 ;;
     embedded) measure embedded 150 --model embedded --size 256 --steps 8 ;;
-    fp8-torchao) measure fp8-torchao 240 --quantize fp8-torchao --profile ;;
+    fp8-torchao) measure fp8-torchao 480 --quantize fp8-torchao --profile ;;
     lora-fp8) measure lora-fp8 240 --lora-rank 64 --quantize fp8 ;;
     bf16-restart) measure bf16-restart 90 ;;
     *) echo "unknown run: $1" >&2 ;;

@@ -13,7 +13,9 @@ from bench import gpu
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_bench_warm_up_compiles_everything_its_measured_requests_run(lora_rank: int) -> None:
+def test_bench_warm_up_compiles_everything_its_measured_requests_run(
+    lora_rank: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The eager backend runs dynamo's capture as inductor does, in seconds on a CPU.
     torch._dynamo.reset()
     args = argparse.Namespace(
@@ -34,6 +36,11 @@ def test_bench_warm_up_compiles_everything_its_measured_requests_run(lora_rank: 
     assert result["graphs_compiled_after_warmup"] == 0
     assert ("loras" in result) == bool(lora_rank)
     assert ("aten::" in result.get("profile", "")) == bool(lora_rank)
+    # Each stage says so as it ends, so that a run cut off by a device's limit still tells.
+    stages = capsys.readouterr().err
+    assert "] built embedded (tiny) on cpu" in stages
+    assert "] warmed up in" in stages and "] steady images timed" in stages
+    assert ("] LoRA figures" in stages) == bool(lora_rank)
 
 
 def small_t5() -> T5EncoderModel:
