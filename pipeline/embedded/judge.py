@@ -3,7 +3,8 @@
 The embedded model's promise is that it follows prompts from its grammar; this is how the
 tests and `bench/prompt_following.py` measure that, from pixels alone. The background is
 the nearest of the world's backgrounds to the picture's top and bottom rows; the object is
-every pixel far from its row's background colour; its colour is the nearest palette colour
+every pixel far from its row's background colour (the row's median, unless an object
+covers most of the row: see `row_backgrounds`); its colour is the nearest palette colour
 to their median, its position the side of the picture its centroid falls in, and its shape
 (circle, square or triangle) the one whose fill of its bounding box is nearest (π/4, 1, 1/2).
 
@@ -50,6 +51,29 @@ def _nearest(colour: np.ndarray, palette: dict[str, np.ndarray]) -> str:
     return min(palette, key=lambda name: float(np.linalg.norm(palette[name] - colour)))
 
 
+def row_backgrounds(pixels: np.ndarray) -> np.ndarray:
+    """Each row's background colour, (height, 3). A row's median is its background while
+    the background covers most of the row; where a drawn object covers more, the median is
+    the object's colour and the row's background would be taken for the object (a stripe
+    across the picture that ruins the shape's bounding box). The world's backgrounds are
+    plain or a vertical linear gradient, and cover most of a picture's pixels, so a straight
+    line in y fitted to the pixels, each time to the half nearest the last fit, is the
+    background; a row whose median is far from it takes the line's colour instead."""
+    rows: np.ndarray = np.median(pixels, axis=1)
+    step = max(1, min(pixels.shape[:2]) // 64)
+    sample = pixels[::step, ::step]
+    height = np.repeat(np.linspace(0.0, 1.0, len(pixels))[::step], sample.shape[1])
+    colours = sample.reshape(-1, 3)
+    kept = np.ones(len(colours), bool)
+    for _ in range(4):
+        slope, offset = np.polyfit(height[kept], colours[kept], 1)
+        distance = np.linalg.norm(colours - (np.outer(height, slope) + offset), axis=-1)
+        kept = distance <= np.median(distance)
+    line = np.outer(np.linspace(0.0, 1.0, len(rows)), slope) + offset
+    strays = np.linalg.norm(rows - line, axis=-1) > _FOREGROUND
+    return np.where(strays[:, None], line, rows)
+
+
 def _background(rows: np.ndarray) -> str:
     """The background whose colours at the top and bottom tenth of the picture are nearest
     to the row medians there (a plain colour has the same colour at both)."""
@@ -86,7 +110,7 @@ def judge(image: Image.Image, scene: Scene) -> Verdict:
     """How `image` fares against `scene`, which must have exactly one object."""
     (item,) = scene.objects
     pixels = np.asarray(image.convert("RGB"), np.float32) / 255
-    rows = np.median(pixels, axis=1)
+    rows = row_backgrounds(pixels)
     background = _background(rows)
     distance = np.linalg.norm(pixels - rows[:, None, :], axis=-1)
     mask = distance > _FOREGROUND
