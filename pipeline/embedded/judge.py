@@ -60,16 +60,17 @@ def row_backgrounds(pixels: np.ndarray) -> np.ndarray:
     line in y fitted to the pixels, each time to the half nearest the last fit, is the
     background; a row whose median is far from it takes the line's colour instead."""
     rows: np.ndarray = np.median(pixels, axis=1)
+    heights = np.linspace(0.0, 1.0, len(rows))
     step = max(1, min(pixels.shape[:2]) // 64)
     sample = pixels[::step, ::step]
-    height = np.repeat(np.linspace(0.0, 1.0, len(pixels))[::step], sample.shape[1])
+    height = np.repeat(heights[::step], sample.shape[1])
     colours = sample.reshape(-1, 3)
     kept = np.ones(len(colours), bool)
     for _ in range(4):
         slope, offset = np.polyfit(height[kept], colours[kept], 1)
         distance = np.linalg.norm(colours - (np.outer(height, slope) + offset), axis=-1)
         kept = distance <= np.median(distance)
-    line = np.outer(np.linspace(0.0, 1.0, len(rows)), slope) + offset
+    line = np.outer(heights, slope) + offset
     strays = np.linalg.norm(rows - line, axis=-1) > _FOREGROUND
     return np.where(strays[:, None], line, rows)
 
