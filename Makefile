@@ -39,7 +39,7 @@ serve-cluster: $(CLUSTER_STAMP) redis
 lint: $(STAMP)
 	$(BIN)/ruff check stream pipeline tests bench
 	$(BIN)/ruff format --check stream pipeline tests bench
-	$(BIN)/mypy stream pipeline
+	$(BIN)/mypy stream pipeline tests bench
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/yamllint --strict .
 	$(BIN)/kubernetes-validate --strict --quiet deploy/rayservice.yaml

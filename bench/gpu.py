@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -259,7 +259,7 @@ def vae_decode_figures(
     latents = torch.randn(
         1, vae.config.latent_channels, side, side, device=vae.device, dtype=vae.dtype
     )
-    variants = {
+    variants: dict[str, tuple[torch.memory_format, AbstractContextManager[None]]] = {
         "channels_last": (torch.channels_last, nullcontext()),
         "contiguous": (torch.contiguous_format, nullcontext()),
         "split_group_norm": (torch.contiguous_format, group_norms_split(vae)),

@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def report_size(
     print(f"  {'decoder':<24} {'PSNR vs VAE':>11} {'ms/preview':>11} {'preview/step':>13}")
     for name, decoder in decoders.items():
         fidelity = psnr(decoder.decode(latents, size), reference)
-        cost_s = best_s(lambda d=decoder: d.decode(latents, size), args.repeats)
+        cost_s = best_s(partial(decoder.decode, latents, size), args.repeats)
         print(f"  {name:<24} {fidelity:>9.1f}dB {cost_s * 1000:>11.2f} {cost_s / step_s:>12.1%}")
 
 
@@ -186,10 +187,11 @@ def report_streamed(client: OpenAI, side: int, args: argparse.Namespace) -> None
     # Interleaved pairs, so that drifting load on a shared machine hits both alike; the
     # median of the pairs' ratios is the figure least moved by one disturbed run.
     times: dict[int, list[float]] = {3: [], 0: []}
-    streamed(3), streamed(0)
+    streamed(3)
+    streamed(0)
     for _ in range(args.repeats):
         for partials, runs in times.items():
-            runs.append(timed_s(lambda p=partials: streamed(p)))
+            runs.append(timed_s(partial(streamed, partials)))
     ratios = [with_s / without_s for with_s, without_s in zip(times[3], times[0], strict=True)]
     print(f"\nstreamed {side}x{side}, {args.steps} steps, linear previews:")
     print(

@@ -43,7 +43,7 @@ def generate(base_url: str, prompt: str, seed: int, width: int, height: int) -> 
     result = sdk_client(base_url).images.generate(
         model="flux.1-dev",
         prompt=prompt,
-        size=f"{width}x{height}",  # type: ignore[arg-type]
+        size=f"{width}x{height}",
         response_format="b64_json",
         extra_body={"seed": seed},
     )

@@ -65,7 +65,7 @@ def kontext_server(
 
 def edit(base_url: str, **arguments: object) -> openai.types.ImagesResponse:
     extra = {**FAST, **arguments.pop("extra_body", {})}  # type: ignore[dict-item]
-    return sdk_client(base_url).images.edit(  # type: ignore[call-overload, no-any-return]
+    return sdk_client(base_url).images.edit(  # type: ignore[call-overload]
         image=arguments.pop("image", ("photo.png", PNG, "image/png")),
         prompt="a red fox in the snow",
         response_format="b64_json",

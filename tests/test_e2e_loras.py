@@ -8,7 +8,7 @@ import io
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -199,10 +199,10 @@ def test_edits_take_loras_as_json_text_in_the_multipart_form(
     picture = encoded(noise_image((64, 64), seed=2))
     mask = {"mask": encoded(hole_mask((64, 64), (16, 16, 48, 48)))} if masked else {}
     common = {"prompt": "a red circle", "image": picture, "response_format": "b64_json", **mask}
-    plain = client.images.edit(**common, extra_body={**FAST, "seed": 4})  # type: ignore[arg-type]
+    plain = client.images.edit(**common, extra_body={**FAST, "seed": 4})  # type: ignore[call-overload]
     loras = [{"path": "a.safetensors", "scale": 1.0}]
     text = json.dumps(loras)
-    edited = client.images.edit(**common, extra_body={**FAST, "seed": 4, "loras": text})  # type: ignore[arg-type]
+    edited = client.images.edit(**common, extra_body={**FAST, "seed": 4, "loras": text})  # type: ignore[call-overload]
     assert (edited.model_extra or {})["loras"] == loras
     assert plain.data and edited.data and plain.data[0].b64_json and edited.data[0].b64_json
     assert not np.array_equal(pixels(plain.data[0].b64_json), pixels(edited.data[0].b64_json))
@@ -227,18 +227,23 @@ def generate(url: str, seed: int, loras: list[dict[str, Any]]) -> np.ndarray:
     return pixels(answer.json()["data"][0]["b64_json"])
 
 
+def queued_is(engine: ThreadedEngine, count: int) -> Callable[[], bool]:
+    """For `wait_until`: whether `count` jobs wait in `engine`'s queue."""
+    return lambda: engine.queued == count
+
+
 def test_concurrent_requests_with_different_loras_each_get_their_own_image(
     server: str, engine: ThreadedEngine, held: HeldRunner, runner: FluxRunner, lora_dir: Path
 ) -> None:
     a, b = [{"path": "a.safetensors"}], [{"path": "b", "scale": 0.7}]
-    asked = [(11, a), (12, b), (13, a), (14, [])]
+    asked: list[tuple[int, list[dict[str, Any]]]] = [(11, a), (12, b), (13, a), (14, [])]
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(generate, server, 10, [])
         wait_until(lambda: engine.load().running == 1, "the first job to start")
         futures = []
         for queued, (seed, loras) in enumerate(asked, start=1):  # in this order
             futures.append(pool.submit(generate, server, seed, loras))
-            wait_until(lambda queued=queued: engine.queued == queued, f"{queued} jobs to queue")
+            wait_until(queued_is(engine, queued), f"{queued} jobs to queue")
         held.gate.set()
         first.result()
         images = [future.result() for future in futures]

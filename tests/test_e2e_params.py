@@ -107,7 +107,7 @@ def test_pipeline_keywords_reach_the_pipeline(server: str) -> None:
 def test_out_of_range_pipeline_keyword_is_a_400_naming_it(server: str) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         sdk_client(server).images.generate(prompt="x", extra_body={"max_sequence_length": 513})
-    assert raised.value.param == "max_sequence_length"  # type: ignore[attr-defined]
+    assert raised.value.param == "max_sequence_length"
 
 
 def tiny_classifier(folder: Path, flagged_bias: float) -> Path:

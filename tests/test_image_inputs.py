@@ -78,7 +78,9 @@ def test_palette_grayscale_alpha_and_16_bit_images_become_rgb(mode: str) -> None
     source = Image.new("RGB", (16, 16), (200, 200, 200))
     image = source.convert(mode) if mode != "I;16" else Image.new("I;16", (16, 16), 200 * 256)
     decoded = as_rgb(decode_image(encoded(image), "image", LIMIT))
-    red, green, blue = decoded.getpixel((8, 8))
+    pixel = decoded.getpixel((8, 8))
+    assert isinstance(pixel, tuple)
+    red, green, blue = pixel
     assert decoded.mode == "RGB"
     assert red == green == blue >= 150  # light gray stays light gray (palettes round it)
 

@@ -231,7 +231,7 @@ def test_bad_job_request_is_a_400_and_nothing_is_queued(
 @pytest.mark.parametrize("last_id", [b"abc", "\u00b2".encode("latin-1"), b"1" * 5000])
 def test_bad_last_event_id_is_a_400(fake_server: str, last_id: bytes) -> None:
     job = submit(fake_server)
-    response = httpx.get(job["events_url"], headers={"Last-Event-ID": last_id})
+    response = httpx.get(job["events_url"], headers={b"Last-Event-ID": last_id})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "Last-Event-ID"
 

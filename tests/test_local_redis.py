@@ -7,10 +7,14 @@ import os
 import shutil
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
 from stream.local_redis import local_redis_server
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
@@ -18,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 redis = pytest.importorskip("redis", reason="the redis package comes with the cluster extra")
 
 
-def server_pid(client: redis.Redis) -> int | None:
+def server_pid(client: Redis) -> int | None:
     """The pid of the server that serves now, None while none does (INFO answers while a
     restarted server still loads its data; PING does not)."""
     try:

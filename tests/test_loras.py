@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -43,12 +43,12 @@ def lora_settings(tmp_path: Path, lora_dir: Path) -> Settings:
     return make_settings(tmp_path, lora_dir=lora_dir)
 
 
-def plan(body: dict[str, object], settings: Settings, **profile: object) -> ImagePlan:
+def plan(body: Mapping[str, object], settings: Settings, **profile: object) -> ImagePlan:
     model = dataclasses.replace(PROFILE, **profile)  # type: ignore[arg-type]
     return plan_generation(parse_generation_request(body), settings, model)
 
 
-def refusal(body: dict[str, object], settings: Settings, **profile: object) -> InvalidRequest:
+def refusal(body: Mapping[str, object], settings: Settings, **profile: object) -> InvalidRequest:
     with pytest.raises(InvalidRequest) as raised:
         plan(body, settings, **profile)
     return raised.value
@@ -264,12 +264,12 @@ def test_a_lora_the_engine_cannot_load_is_a_400_or_one_error_event(
     engine = FakeEngine(script=[InvalidLora("the LoRA 'outline.safetensors' is not valid")])
     with live_server(create_app(lora_settings, engine)) as url:
         client = sdk_client(url)
-        body = {"extra_body": {"loras": [{"path": "outline.safetensors"}]}}
+        extra_body = {"loras": [{"path": "outline.safetensors"}]}
         with pytest.raises(openai.BadRequestError) as raised:
-            client.images.generate(prompt="x", **body)  # type: ignore[arg-type]
+            client.images.generate(prompt="x", extra_body=extra_body)
         assert raised.value.code == "invalid_lora" and raised.value.param == "loras"
         with pytest.raises(openai.APIError, match="is not valid"):
-            list(client.images.generate(prompt="x", stream=True, **body))  # type: ignore[arg-type]
+            list(client.images.generate(prompt="x", stream=True, extra_body=extra_body))
     job = engine.jobs[0]
     assert job.loras[0] == LoraRef(
         "outline.safetensors", job.loras[0].file, 1.0, job.loras[0].version

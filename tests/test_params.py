@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from tests.conftest import make_settings
 from tests.fakes import PROFILE
 
 
-def plan(body: dict[str, object], settings: Settings, profile: ModelProfile = PROFILE) -> ImagePlan:
+def plan(
+    body: Mapping[str, object], settings: Settings, profile: ModelProfile = PROFILE
+) -> ImagePlan:
     return plan_generation(parse_generation_request(body), settings, profile)
 
 

@@ -39,16 +39,16 @@ def test_every_output_format_is_a_real_file_of_the_exact_size(
     fake_server: str, output_format: str, pillow_format: str
 ) -> None:
     client = sdk_client(fake_server)
-    inline = client.images.generate(
+    inline = client.images.generate(  # type: ignore[call-overload]
         prompt="x",
         size="100x60",
         response_format="b64_json",
-        output_format=output_format,  # type: ignore[arg-type]
+        output_format=output_format,
     )
     assert inline.data is not None and inline.data[0].b64_json is not None
     image = opened(base64.b64decode(inline.data[0].b64_json))
     assert (image.format, image.size) == (pillow_format, (100, 60))
-    linked = client.images.generate(prompt="x", size="100x60", output_format=output_format)  # type: ignore[arg-type]
+    linked = client.images.generate(prompt="x", size="100x60", output_format=output_format)  # type: ignore[call-overload]
     assert linked.data is not None and linked.data[0].url is not None
     download = httpx.get(linked.data[0].url)
     assert download.headers["content-type"] == f"image/{output_format}"

@@ -163,7 +163,8 @@ def test_image_sharpens_through_previews_then_lands_in_the_gallery(
     assert final_src not in previews
     assert card.locator("img").get_attribute("src") == final_src
     assert page.evaluate("document.querySelector('#gallery .card img').naturalWidth") > 0
-    assert card.locator("a.download").get_attribute("download", timeout=0).endswith(".png")
+    download = card.locator("a.download").get_attribute("download", timeout=0)
+    assert download is not None and download.endswith(".png")
     expect(page.locator("#step-label")).to_contain_text("done")
 
 
