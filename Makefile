@@ -37,8 +37,8 @@ serve-cluster: $(CLUSTER_STAMP) redis
 # hadolint, yamllint and kubernetes-validate work offline. kubernetes-validate checks the plain
 # Kubernetes objects and warns that it has no schema for the RayService (a custom resource).
 lint: $(STAMP)
-	$(BIN)/ruff check stream pipeline tests bench
-	$(BIN)/ruff format --check stream pipeline tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy stream pipeline tests bench
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/yamllint --strict .
