@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from pipeline.jobs import (
@@ -160,7 +160,7 @@ class _Ticket:
         except RuntimeError:
             logger.debug("event loop closed; dropping %s", type(item).__name__)
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         try:
             while True:
                 item = await self._next_item()

@@ -11,8 +11,16 @@ from safetensors.torch import save_file
 
 # Layers of a double block and a single block that LoRA trainers target by default.
 ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
-DOUBLE_BLOCK: tuple[str, ...] = (*ATTENTION, "attn.add_q_proj", "attn.add_k_proj")
-DOUBLE_BLOCK += ("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "norm1.linear")
+DOUBLE_BLOCK = (
+    *ATTENTION,
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "norm1.linear",
+)
 SINGLE_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
 
 

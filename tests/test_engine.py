@@ -9,7 +9,6 @@ import gc
 import logging
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -17,7 +16,6 @@ from pipeline.engine import ThreadedEngine
 from pipeline.jobs import (
     EditInputs,
     EngineClosed,
-    Event,
     Job,
     JobCancelled,
     JobFailed,
@@ -41,12 +39,6 @@ def job(steps: int = 3) -> Job:
 
 async def collect(engine: ThreadedEngine, the_job: Job) -> list[object]:
     return [event async for event in engine.submit(the_job).events()]
-
-
-def closable(events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
-    """A job's events as the async generator they are, for `contextlib.aclosing`."""
-    assert isinstance(events, AsyncGenerator)
-    return events
 
 
 async def test_events_arrive_in_order_and_an_idle_engine_starts_the_job_unqueued() -> None:
@@ -112,7 +104,7 @@ async def test_closing_the_event_stream_stops_the_running_job_within_one_step() 
     runner = StepRunner(step_delay_s=0.02)
     engine = ThreadedEngine(runner, max_queued=1)
     handle = engine.submit(job(steps=100))
-    async with contextlib.aclosing(closable(handle.events())) as events:
+    async with contextlib.aclosing(handle.events()) as events:
         async for event in events:
             if isinstance(event, Progress) and event.step == 2:
                 break  # what a disconnecting client does: the consumer stops reading
@@ -357,7 +349,7 @@ async def test_a_job_cancelled_in_a_batch_ends_at_once_and_the_others_finish() -
     engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
     blocker = engine.submit(job(5))
     leaving, staying = engine.submit(job(100)), engine.submit(job(100))
-    async with contextlib.aclosing(closable(leaving.events())) as leaving_events:
+    async with contextlib.aclosing(leaving.events()) as leaving_events:
         async for event in leaving_events:
             if isinstance(event, Progress):
                 break  # the batch runs; the client of `leaving` goes away
@@ -377,7 +369,7 @@ async def test_a_batch_whose_jobs_are_all_cancelled_stops_at_its_next_step() -> 
     engine = ThreadedEngine(runner, max_queued=4, max_batch_size=2)
     engine.submit(job(1))
     handles = [engine.submit(job(1000)), engine.submit(job(1000))]
-    async with contextlib.aclosing(closable(handles[0].events())) as events:
+    async with contextlib.aclosing(handles[0].events()) as events:
         async for event in events:
             if isinstance(event, Progress):
                 break
